@@ -1,0 +1,64 @@
+"""Group-normalised advantages (ALGORITHMS.md section 2).
+
+A_i = clip((r_i - mean_G r) / (std_G r + 1e-8), -c, c) within each group G. With several rewards, either each
+is normalised within the group and the results are summed with weights (`per_reward`, DanceGRPO style), or the
+weighted raw sum is normalised (`weighted_sum`). std is the population std (ddof = 0), so a group's
+advantages have unit std. A sample with a NaN in any weighted reward is dropped: it gets advantage 0, is
+marked invalid (never trained on), and the group is normalised over its remaining members.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+EPS = 1e-8
+
+
+@dataclass(frozen=True)
+class Advantages:
+    values: torch.Tensor  # (B,) float32; 0 for dropped samples
+    valid: torch.Tensor  # (B,) bool; False where a reward was NaN (or the group had < 2 valid members)
+    dropped_nan: int  # samples dropped for a NaN reward
+
+
+def normalise_in_groups(values: torch.Tensor, groups: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """(r - mean_G) / (std_G + eps) over the valid members of each group; 0 elsewhere."""
+    out = torch.zeros_like(values)
+    for g in groups.unique():
+        members = (groups == g) & valid
+        if members.sum() < 2:
+            continue
+        r = values[members]
+        out[members] = (r - r.mean()) / (r.std(unbiased=False) + EPS)
+    return out
+
+
+def group_advantages(
+    rewards: dict[str, torch.Tensor],
+    groups: list[int] | torch.Tensor,
+    weights: dict[str, float],
+    combine: Literal["per_reward", "weighted_sum"] = "per_reward",
+    clip: float = 5.0,
+) -> Advantages:
+    groups = torch.as_tensor(groups)
+    missing = [name for name in weights if name not in rewards]
+    if missing:
+        raise KeyError(f"rewards {missing} are weighted in the config but no reward model returned them")
+    stacked = torch.stack([rewards[name].float() for name in weights])  # (R, B)
+    finite = torch.isfinite(stacked).all(0)
+    stacked = torch.where(finite, stacked, torch.zeros_like(stacked))
+    valid = finite.clone()
+    for g in groups.unique():  # a lone survivor has nothing to be compared with
+        members = (groups == g) & finite
+        if members.sum() < 2:
+            valid[members] = False
+    w = torch.tensor(list(weights.values()), dtype=torch.float32)
+    if combine == "per_reward":
+        values = sum(wi * normalise_in_groups(r, groups, valid) for wi, r in zip(w, stacked, strict=True))
+    else:
+        values = normalise_in_groups((w[:, None] * stacked).sum(0), groups, valid)
+    values = torch.where(valid, values.clamp(-clip, clip), torch.zeros_like(values))
+    return Advantages(values, valid, int((~finite).sum()))

@@ -1,0 +1,299 @@
+"""Typed, frozen run configuration.
+
+A recipe is a YAML file whose nesting mirrors `Config` below; `--set a.b=c` overrides one field. Every field
+has a default and a one-line help text (`metadata["help"]`). Loading checks names, types and values and raises
+`ConfigError` naming the offending key, before anything heavy is imported or started.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config problem the user must fix; the message names the key."""
+
+
+def _f(default: Any, help: str) -> Any:
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str = _f("egrpo", "run name; outputs go to <dir>/<name>/")
+    dir: str = _f("runs", "parent folder of run folders")
+    seed: int = _f(0, "seed of prompt sampling, initial noise and SDE noise")
+    device: Literal["auto", "cpu", "cuda"] = _f("auto", "auto picks CUDA when present")
+    wandb: Literal["offline", "online", "disabled"] = _f("offline", "wandb mode; offline writes under the run folder")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str = _f("toy", "local diffusers pipeline folder, or 'toy' for the committed toy checkpoint")
+    dtype: Literal["float32", "bfloat16", "float16"] = _f("float32", "compute dtype of the transformer")
+    finetune: Literal["lora", "full"] = _f("lora", "train a LoRA adapter, or every transformer weight")
+    lora_rank: int = _f(8, "LoRA rank r")
+    lora_alpha: float = _f(8.0, "LoRA alpha (scale = alpha / r)")
+    lora_targets: tuple[str, ...] = _f(
+        ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"),
+        "module names that get LoRA adapters",
+    )
+    guidance: float = _f(3.5, "distilled guidance scale (FLUX.1-dev); ignored by models without guidance embedding")
+    height: int = _f(0, "image height in pixels; 0 = the model folder's default")
+    width: int = _f(0, "image width in pixels; 0 = the model folder's default")
+    max_sequence_length: int = _f(512, "T5 tokens per prompt (FLUX.1-dev: 512)")
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    steps: int = _f(16, "denoising steps T")
+    shift: float = _f(3.0, "schedule shift s in sigma = s t / (1 + (s - 1) t)")
+    noise: Literal["flow_grpo", "dance"] = _f("flow_grpo", "SDE noise form: g = a sqrt(sigma/(1-sigma)) or g = eta")
+    noise_level: float = _f(0.7, "a (flow_grpo) or eta (dance)")
+    logprob_reduction: Literal["mean", "sum"] = _f("mean", "reduction of the per-element Gaussian log-prob")
+    decode_from: Literal["final", "x0_hat"] = _f("final", "decode the final latent, or x0_hat of the last step")
+
+
+@dataclass(frozen=True)
+class PlanConfig:
+    method: Literal["grpo", "mix", "egrpo"] = _f("egrpo", "rollout plan: which steps explore")
+    group_size: int = _f(4, "G: samples whose advantages are normalised together")
+    prompts_per_iteration: int = _f(4, "prompts drawn each iteration")
+
+
+@dataclass(frozen=True)
+class GrpoConfig:
+    train_fraction: float = _f(0.6, "fraction of steps (drawn at random per sample) on which the loss is taken")
+
+
+@dataclass(frozen=True)
+class MixConfig:
+    window: int = _f(4, "w: SDE steps in the sliding window")
+    start: int = _f(0, "l: first window start")
+    move_every: int = _f(25, "tau: iterations between moves of the window by one step")
+
+
+@dataclass(frozen=True)
+class EgrpoConfig:
+    tau: float = _f(2.2, "entropy threshold on exp(h) per element for a step to count as high-entropy")
+    active_steps: int = _f(0, "K: steps from the noise end that may explore; 0 = steps / 2")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    iterations: int = _f(100, "training iterations")
+    lr: float = _f(1e-4, "AdamW learning rate")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    clip_range: float = _f(1e-4, "PPO ratio clip epsilon")
+    adv_clip: float = _f(5.0, "advantages are clipped to [-adv_clip, adv_clip]")
+    kl_beta: float = _f(0.0, "weight of the KL term to the reference policy; 0 = off")
+    batch_size: int = _f(16, "trained (sample, step) pairs per optimiser step")
+    epochs: int = _f(1, "passes over an iteration's trained steps")
+    max_grad_norm: float = _f(1.0, "gradient clipping norm; 0 = off")
+    checkpoint_every: int = _f(10, "iterations between checkpoints (the last iteration always saves)")
+    eval_every: int = _f(5, "iterations between held-out evaluations (0 = only at start and end)")
+    eval_prompts: int = _f(16, "held-out prompts used for evaluation")
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    weights: dict[str, float] = _f(
+        {"toy_colour": 1.0, "toy_shape": 1.0, "toy_position": 1.0}, "reward name -> weight"
+    )
+    combine: Literal["per_reward", "weighted_sum"] = _f(
+        "per_reward", "normalise each reward in its group then sum with weights, or normalise the weighted sum"
+    )
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    prompts: str = _f("toy:train", "training prompts: a .txt (one per line) or .jsonl file, or toy:train")
+    eval_prompts: str = _f("toy:eval", "held-out prompts, same forms")
+
+
+@dataclass(frozen=True)
+class Config:
+    run: RunConfig = _f(RunConfig(), "")
+    model: ModelConfig = _f(ModelConfig(), "")
+    sampler: SamplerConfig = _f(SamplerConfig(), "")
+    plan: PlanConfig = _f(PlanConfig(), "")
+    grpo: GrpoConfig = _f(GrpoConfig(), "")
+    mix: MixConfig = _f(MixConfig(), "")
+    egrpo: EgrpoConfig = _f(EgrpoConfig(), "")
+    train: TrainConfig = _f(TrainConfig(), "")
+    rewards: RewardConfig = _f(RewardConfig(), "")
+    data: DataConfig = _f(DataConfig(), "")
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.dir) / self.run.name
+
+    @property
+    def egrpo_active_steps(self) -> int:
+        return self.egrpo.active_steps or self.sampler.steps // 2
+
+
+# ----------------------------------------------------------------------------- building from dicts
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`, converting YAML forms (list -> tuple, int -> float)."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return _build(tp, value, key + ".")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for option in typing.get_args(tp):
+            if option is type(None) and value is None:
+                return None
+            try:
+                return _convert(value, option, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[-1])
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item_tp, _ellipsis) = typing.get_args(tp)
+        return tuple(_convert(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        key_tp, val_tp = typing.get_args(tp)
+        return {_convert(k, key_tp, key): _convert(v, val_tp, f"{key}.{k}") for k, v in value.items()}
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool) and (type(value) is not tp):
+        raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for k in data:
+        if k not in names:
+            raise ConfigError(f"unknown config key '{prefix}{k}' (known in this section: {', '.join(sorted(names))})")
+    kwargs = {k: _convert(v, hints[k], prefix + k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {dotted}: '{p}' is not a section")
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """`["a.b=3", "c.d=x"]` -> nested dict; values are parsed as YAML scalars (3 -> int, true -> bool)."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+    return tree
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    cfg = _build(Config, data)
+    validate(cfg)
+    return cfg
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML recipe (or defaults when `path` is None), apply `--set` overrides, validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return from_dict(_merge(data, parse_overrides(overrides)))
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain nested dict (tuples as lists) for YAML/JSON dumps."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        out[f.name] = to_dict(v) if dataclasses.is_dataclass(v) else (list(v) if isinstance(v, tuple) else v)
+    return out
+
+
+def dump_config(cfg: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+# ----------------------------------------------------------------------------- value checks
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+def validate(cfg: Config) -> None:
+    """Values that have the right type but cannot work; each message names its key."""
+    s, p, t = cfg.sampler, cfg.plan, cfg.train
+    _require(s.steps >= 1, "sampler.steps", f"must be >= 1, got {s.steps}")
+    _require(s.shift > 0, "sampler.shift", f"must be > 0, got {s.shift}")
+    _require(s.noise_level > 0, "sampler.noise_level", f"must be > 0, got {s.noise_level}")
+    _require(p.group_size >= 2, "plan.group_size", f"must be >= 2 (advantages need a group), got {p.group_size}")
+    _require(p.prompts_per_iteration >= 1, "plan.prompts_per_iteration", "must be >= 1")
+    _require(cfg.egrpo.tau > 0, "egrpo.tau", f"must be > 0, got {cfg.egrpo.tau}")
+    _require(
+        0 <= cfg.egrpo.active_steps <= s.steps,
+        "egrpo.active_steps",
+        f"must be in [0, sampler.steps={s.steps}], got {cfg.egrpo.active_steps}",
+    )
+    _require(0 < cfg.grpo.train_fraction <= 1, "grpo.train_fraction", "must be in (0, 1]")
+    _require(1 <= cfg.mix.window <= s.steps, "mix.window", f"must be in [1, sampler.steps={s.steps}]")
+    _require(0 <= cfg.mix.start <= s.steps - cfg.mix.window, "mix.start", "window must fit inside the steps")
+    _require(cfg.mix.move_every >= 1, "mix.move_every", "must be >= 1")
+    _require(t.iterations >= 1, "train.iterations", f"must be >= 1, got {t.iterations}")
+    _require(t.lr > 0, "train.lr", "must be > 0")
+    _require(t.clip_range > 0, "train.clip_range", "must be > 0")
+    _require(t.adv_clip > 0, "train.adv_clip", "must be > 0")
+    _require(t.kl_beta >= 0, "train.kl_beta", "must be >= 0")
+    _require(t.batch_size >= 1, "train.batch_size", "must be >= 1")
+    _require(t.epochs >= 1, "train.epochs", "must be >= 1")
+    _require(t.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1")
+    _require(t.eval_every >= 0, "train.eval_every", "must be >= 0")
+    _require(t.eval_prompts >= 1, "train.eval_prompts", "must be >= 1")
+    _require(cfg.model.lora_rank >= 1, "model.lora_rank", "must be >= 1")
+    _require(cfg.model.height >= 0 and cfg.model.width >= 0, "model.height", "must be >= 0")
+    _require(bool(cfg.rewards.weights), "rewards.weights", "name at least one reward")
+    _require(bool(cfg.run.name) and "/" not in cfg.run.name, "run.name", "must be a non-empty folder name")

@@ -1,0 +1,1 @@
+"""Prompt datasets and a seeded, resumable prompt sampler."""

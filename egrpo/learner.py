@@ -1,0 +1,88 @@
+"""The learner's work for one iteration, as a plain object: minibatches, old log-probs, clipped updates.
+
+The in-process loop uses it with a torch optimiser; `runtime/learner` wraps the same object in a DeepSpeed
+engine by overriding `apply_gradients` (and nothing else), so both compute the same algorithm.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+
+from egrpo.algo.loss import grpo_loss, step_mean_and_std
+from egrpo.batch import Batch
+from egrpo.config import TrainConfig
+from egrpo.sampling.rollout import VelocityModel
+from egrpo.sampling.steps import gaussian_logprob
+
+
+def minibatch_order(rows: int, batch_size: int, seed: int) -> list[list[int]]:
+    """A seeded shuffle of the rows, cut into minibatches of `batch_size` (the last may be smaller)."""
+    order = torch.randperm(rows, generator=torch.Generator().manual_seed(seed)).tolist()
+    return [order[a : a + batch_size] for a in range(0, rows, batch_size)]
+
+
+class GRPOLearner:
+    def __init__(self, policy, train: TrainConfig, reduction: Literal["mean", "sum"] = "mean") -> None:
+        self.policy = policy
+        self.train = train
+        self.reduction = reduction
+        self.optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=train.lr,
+                                           weight_decay=train.weight_decay)
+
+    def apply_gradients(self, loss: torch.Tensor) -> float:
+        """backward, clip, step; returns the gradient norm before clipping."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        params = self.policy.trainable_parameters()
+        if self.train.max_grad_norm > 0:
+            norm = torch.nn.utils.clip_grad_norm_(params, self.train.max_grad_norm)
+        else:
+            norm = torch.sqrt(sum((p.grad.float() ** 2).sum() for p in params if p.grad is not None))
+        self.optimizer.step()
+        return float(norm)
+
+    @torch.no_grad()
+    def old_logprobs(self, minibatches: list[Batch]) -> list[torch.Tensor]:
+        """log-probs under the current weights, computed in the same minibatches (and so the same kernels)
+        that training will use, so that rho == 1 exactly before the first step (ALGORITHMS.md section 2)."""
+        out = []
+        for mb in minibatches:
+            mean, std = step_mean_and_std(self.policy, mb)
+            out.append(gaussian_logprob(mb["x_out"].to(mean.device), mean, std, self.reduction))
+        return out
+
+    def train_iteration(self, steps: Batch, seed: int) -> dict[str, float]:
+        """Run `epochs` passes of clipped updates over the trained steps (which carry an `advantage` column)."""
+        policy: VelocityModel = self.policy
+        minibatches = [steps.select(idx) for idx in minibatch_order(len(steps), self.train.batch_size, seed)]
+        logp_old = self.old_logprobs(minibatches)
+        rollout_mismatch = max(
+            (lo.cpu() - mb["logp_old"]).abs().max().item() for lo, mb in zip(logp_old, minibatches, strict=True)
+        )
+        totals: dict[str, float] = {}
+        first_ratio_dev = math.nan
+        updates = 0
+        for _epoch in range(self.train.epochs):
+            for mb, lo in zip(minibatches, logp_old, strict=True):
+                mean, std = step_mean_and_std(policy, mb)
+                mean_ref = None
+                if self.train.kl_beta > 0:
+                    with torch.no_grad(), self.policy.reference():
+                        mean_ref, _ = step_mean_and_std(policy, mb)
+                loss, stats = grpo_loss(mean, std, mb, lo, self.train.clip_range, self.reduction,
+                                        mean_ref, self.train.kl_beta)
+                if updates == 0:
+                    first_ratio_dev = stats["ratio_max_dev"]
+                stats["grad_norm"] = self.apply_gradients(loss)
+                stats["loss"] = loss.item()
+                for k, v in stats.items():
+                    totals[k] = totals.get(k, 0.0) + v
+                updates += 1
+        metrics = {f"train/{k}": v / max(updates, 1) for k, v in totals.items()}
+        metrics["train/updates"] = updates
+        metrics["train/first_ratio_max_dev"] = first_ratio_dev
+        metrics["train/rollout_logp_mismatch"] = rollout_mismatch
+        return metrics

@@ -1,0 +1,1 @@
+"""Everything Ray: actors, placement, weight sync, the distributed driver loop."""

@@ -1,0 +1,146 @@
+"""Rollout plans: which steps of which sample explore (SDE), which are trained, and who shares a group.
+
+A plan is data (ALGORITHMS.md section 3). Each `SamplePlan` starts from the latent of its prompt's shared ODE
+*anchor* trajectory at schedule index `branch_from` (index 0 is the initial noise itself), then follows its
+`steps`. Every method is expressed this way:
+
+- `grpo`  every step SDE from the noise, the loss on a random fraction of steps; group = prompt.
+- `mix`   ODE up to a sliding window (taken from the anchor), SDE inside it, ODE after; group = prompt.
+- `egrpo` for each active step n, G branches leave the anchor at n, take ONE SDE step merged over l_n steps,
+          then ODE to the end; group = (prompt, n).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+import torch
+
+from egrpo.config import Config
+from egrpo.sampling.steps import NoiseSpec, sigma_schedule, step_entropy
+
+
+@dataclass(frozen=True)
+class Step:
+    """One integration step from schedule index `start` to `start + length`."""
+
+    start: int
+    length: int
+    sde: bool
+    train: bool
+
+
+@dataclass(frozen=True)
+class SamplePlan:
+    prompt: str
+    seed: int  # initial-noise seed, shared by every sample of the prompt in this iteration
+    noise_seed: int  # seed of this sample's SDE noise
+    group: int  # advantages are normalised within a group
+    branch_from: int  # anchor index the sample starts from (0 = the initial noise)
+    steps: tuple[Step, ...]
+
+    @property
+    def explore_steps(self) -> tuple[int, ...]:
+        return tuple(s.start for s in self.steps if s.sde)
+
+    @property
+    def merge_lengths(self) -> tuple[int, ...]:
+        return tuple(s.length for s in self.steps if s.sde)
+
+
+def merge_lengths(sigmas: torch.Tensor, noise: NoiseSpec, tau: float, active_steps: int) -> list[int]:
+    """E-GRPO: for each active step n, the smallest l >= 1 with exp(h(n, l)) >= tau, capped at the steps left.
+
+    h grows with l (g is fixed at the start point, |delta| grows), so the first l that reaches tau is minimal."""
+    total = len(sigmas) - 1
+    lengths = []
+    for n in range(active_steps):
+        length = 1
+        while math.exp(step_entropy(noise, sigmas, n, length)) < tau and n + length < total:
+            length += 1
+        lengths.append(length)
+    return lengths
+
+
+def mix_window_start(start: int, window: int, move_every: int, steps: int, iteration: int) -> int:
+    """MixGRPO window: starts at `start`, moves by one every `move_every` iterations, and wraps back to
+    `start` after reaching the last step (our choice; the paper's schedule is silent on the end)."""
+    positions = steps - window - start + 1
+    return start + (iteration // move_every) % positions
+
+
+def _ode_tail(start: int, total: int) -> tuple[Step, ...]:
+    return tuple(Step(i, 1, sde=False, train=False) for i in range(start, total))
+
+
+def grpo_plan(prompts, seeds, group_size, steps, train_fraction, rng: random.Random) -> list[SamplePlan]:
+    trained_per_sample = max(1, round(train_fraction * steps))
+    plans = []
+    for p, (prompt, seed) in enumerate(zip(prompts, seeds, strict=True)):
+        for _ in range(group_size):
+            trained = set(rng.sample(range(steps), trained_per_sample))
+            path = tuple(Step(i, 1, sde=True, train=i in trained) for i in range(steps))
+            plans.append(SamplePlan(prompt, seed, rng.getrandbits(31), p, 0, path))
+    return plans
+
+
+def mix_plan(prompts, seeds, group_size, steps, window_start, window, rng: random.Random) -> list[SamplePlan]:
+    plans = []
+    window_steps = tuple(Step(i, 1, sde=True, train=True) for i in range(window_start, window_start + window))
+    path = window_steps + _ode_tail(window_start + window, steps)
+    for p, (prompt, seed) in enumerate(zip(prompts, seeds, strict=True)):
+        for _ in range(group_size):
+            plans.append(SamplePlan(prompt, seed, rng.getrandbits(31), p, window_start, path))
+    return plans
+
+
+def egrpo_plan(prompts, seeds, group_size, steps, lengths: list[int], rng: random.Random) -> list[SamplePlan]:
+    plans = []
+    for p, (prompt, seed) in enumerate(zip(prompts, seeds, strict=True)):
+        for n, length in enumerate(lengths):
+            path = (Step(n, length, sde=True, train=True),) + _ode_tail(n + length, steps)
+            group = p * len(lengths) + n
+            for _ in range(group_size):
+                plans.append(SamplePlan(prompt, seed, rng.getrandbits(31), group, n, path))
+    return plans
+
+
+def noise_spec(cfg: Config) -> NoiseSpec:
+    return NoiseSpec(cfg.sampler.noise, cfg.sampler.noise_level)
+
+
+def egrpo_merge_lengths(cfg: Config) -> list[int]:
+    sigmas = sigma_schedule(cfg.sampler.steps, cfg.sampler.shift)
+    return merge_lengths(sigmas, noise_spec(cfg), cfg.egrpo.tau, cfg.egrpo_active_steps)
+
+
+def build_plan(cfg: Config, prompts: list[str], iteration: int) -> list[SamplePlan]:
+    """The iteration's plan for the configured method; deterministic in (run.seed, iteration, prompts)."""
+    rng = random.Random(f"{cfg.run.seed}/{iteration}")
+    seeds = [rng.getrandbits(31) for _ in prompts]
+    T, G = cfg.sampler.steps, cfg.plan.group_size
+    method = cfg.plan.method
+    if method == "grpo":
+        return grpo_plan(prompts, seeds, G, T, cfg.grpo.train_fraction, rng)
+    if method == "mix":
+        start = mix_window_start(cfg.mix.start, cfg.mix.window, cfg.mix.move_every, T, iteration)
+        return mix_plan(prompts, seeds, G, T, start, cfg.mix.window, rng)
+    if method == "egrpo":
+        return egrpo_plan(prompts, seeds, G, T, egrpo_merge_lengths(cfg), rng)
+    raise ValueError(f"unknown plan method {method!r}")
+
+
+def describe_schedule(cfg: Config) -> dict:
+    """What `egrpo plan` prints: per step sigma and one-step entropy; the active steps and their merge lengths."""
+    sigmas = sigma_schedule(cfg.sampler.steps, cfg.sampler.shift)
+    noise = noise_spec(cfg)
+    active = list(range(cfg.egrpo_active_steps))
+    return {
+        "sigmas": [float(s) for s in sigmas],
+        "step_entropy": [step_entropy(noise, sigmas, i, 1) for i in range(cfg.sampler.steps)],
+        "active_steps": active,
+        "merge_lengths": egrpo_merge_lengths(cfg),
+        "tau": cfg.egrpo.tau,
+    }

@@ -1,0 +1,158 @@
+"""Execute a rollout plan with a policy: the shared ODE anchors, then every sample's ODE/SDE steps.
+
+All samples advance together: at each schedule index, the samples that start a step there share one batched
+transformer call, and each applies its own step (ODE, or an SDE step merged over its own length). Noise is
+drawn per sample from its own seed, so results do not depend on how samples are batched or split over workers.
+For trained steps it keeps exactly what the learner needs: input latent, output latent, sigma, sigma', g and
+the old log-prob (ALGORITHMS.md sections 1 and 3).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+import torch
+
+from egrpo.batch import Batch
+from egrpo.sampling.plans import SamplePlan
+from egrpo.sampling.steps import NoiseSpec, ode_step, sde_logprob, sde_mean, x0_from_velocity
+
+
+class VelocityModel(Protocol):
+    """What sampling needs from a policy (egrpo.models.policy.FlowPolicy implements it)."""
+
+    latent_shape: tuple[int, ...]
+    device: torch.device
+
+    def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]: ...
+    def initial_noise(self, seeds: list[int]) -> torch.Tensor: ...
+    def velocity(self, x: torch.Tensor, sigma: torch.Tensor | float, cond: dict[str, torch.Tensor]) -> torch.Tensor: ...
+    def decode(self, latents: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    sigmas: torch.Tensor  # float64, length T + 1
+    noise: NoiseSpec
+    reduction: Literal["mean", "sum"] = "mean"
+    decode_from: Literal["final", "x0_hat"] = "final"
+    batch_size: int = 32  # samples per transformer call
+
+
+@dataclass
+class RolloutResult:
+    samples: Batch  # per sample: images; meta: prompt, group, plan index
+    train_steps: Batch  # per trained step: x_in, x_out, sigma, sigma_next, g, logp_old; meta: prompt, sample
+    transformer_calls: int  # sample-forwards (NFE summed over samples), for benchmarks
+
+
+@torch.no_grad()
+def batched_velocity(
+    policy: VelocityModel, x: torch.Tensor, sigma: torch.Tensor, prompts: list[str], batch_size: int
+) -> torch.Tensor:
+    """v for rows of x, in chunks of `batch_size` (each row has its own sigma and prompt)."""
+    out = []
+    for a in range(0, len(x), batch_size):
+        cond = policy.encode_prompts(prompts[a : a + batch_size])
+        out.append(policy.velocity(x[a : a + batch_size], sigma[a : a + batch_size], cond))
+    return torch.cat(out)
+
+
+def anchor_latents(
+    policy: VelocityModel, keys: list[tuple[str, int]], until: list[int], settings: SamplerSettings
+) -> tuple[dict[tuple[str, int], list[torch.Tensor]], int]:
+    """Deterministic ODE trajectories from each (prompt, seed)'s initial noise, kept at indices 0..until.
+
+    Samples branch off these latents; computing them once per prompt is what makes branching cheap."""
+    x = policy.initial_noise([seed for _, seed in keys])
+    prompts = [prompt for prompt, _ in keys]
+    trajectory = {key: [x[k].clone()] for k, key in enumerate(keys)}
+    calls = 0
+    for i in range(max(until, default=0)):
+        rows = [k for k, last in enumerate(until) if i < last]
+        sigma = torch.full((len(rows),), float(settings.sigmas[i]))
+        v = batched_velocity(policy, x[rows], sigma, [prompts[k] for k in rows], settings.batch_size)
+        calls += len(rows)
+        x[rows] = ode_step(x[rows], v, settings.sigmas[i].item(), settings.sigmas[i + 1].item())
+        for k in rows:
+            trajectory[keys[k]].append(x[k].clone())
+    return trajectory, calls
+
+
+@torch.no_grad()
+def run_plan(policy: VelocityModel, plans: list[SamplePlan], settings: SamplerSettings) -> RolloutResult:
+    sigmas, total = settings.sigmas, len(settings.sigmas) - 1
+    keys = sorted({(p.prompt, p.seed) for p in plans})
+    until = [max(p.branch_from for p in plans if (p.prompt, p.seed) == key) for key in keys]
+    anchors, calls = anchor_latents(policy, keys, until, settings)
+
+    x = torch.stack([anchors[(p.prompt, p.seed)][p.branch_from] for p in plans])
+    position = [p.branch_from for p in plans]  # schedule index each sample is at
+    next_step = [0] * len(plans)  # index into plan.steps
+    generators = [torch.Generator().manual_seed(p.noise_seed) for p in plans]
+    prompts = [p.prompt for p in plans]
+    x0_last = x.clone()
+    recorded: list[dict] = []
+
+    while True:
+        pending = [k for k in range(len(plans)) if position[k] < total]
+        if not pending:
+            break
+        i = min(position[k] for k in pending)
+        rows = [k for k in pending if position[k] == i]
+        steps = [plans[k].steps[next_step[k]] for k in rows]
+        if any(s.start != i for s in steps):
+            raise ValueError(f"plan steps are not contiguous at schedule index {i}")
+        sigma = float(sigmas[i])
+        sigma_next = torch.tensor([float(sigmas[i + s.length]) for s in steps])
+        g = torch.tensor([settings.noise.g(sigmas, i) if s.sde else 0.0 for s in steps])
+        x_in = x[rows]
+        v = batched_velocity(policy, x_in, torch.full((len(rows),), sigma), [prompts[k] for k in rows],
+                             settings.batch_size)
+        calls += len(rows)
+        xi = torch.stack([torch.randn(policy.latent_shape, generator=generators[k]) if s.sde
+                          else torch.zeros(policy.latent_shape) for k, s in zip(rows, steps, strict=True)])
+        std = g * (sigma - sigma_next).abs().sqrt()
+        mean = sde_mean(x_in, v, sigma, sigma_next, g)  # g = 0 (ODE rows) gives the Euler step exactly
+        x_out = mean + std.reshape(-1, *([1] * (x_in.ndim - 1))) * xi.to(x_in)
+        ode_rows = torch.tensor([not s.sde for s in steps])
+        x_out[ode_rows] = ode_step(x_in[ode_rows], v[ode_rows], sigma, sigma_next[ode_rows])
+        x0_last[rows] = x0_from_velocity(x_in, v, sigma)
+
+        trained = [j for j, s in enumerate(steps) if s.train]
+        if trained:
+            logp = sde_logprob(x_in[trained], v[trained], x_out[trained], sigma, sigma_next[trained],
+                               g[trained], settings.reduction)
+            for n, j in enumerate(trained):
+                recorded.append({"sample": rows[j], "x_in": x_in[j], "x_out": x_out[j], "sigma": sigma,
+                                 "sigma_next": float(sigma_next[j]), "g": float(g[j]), "logp_old": logp[n]})
+        x[rows] = x_out
+        for k, s in zip(rows, steps, strict=True):
+            position[k] = i + s.length
+            next_step[k] += 1
+
+    final = x0_last if settings.decode_from == "x0_hat" else x
+    images = torch.cat([policy.decode(final[a : a + settings.batch_size])
+                        for a in range(0, len(final), settings.batch_size)])
+    samples = Batch(
+        {"images": images.float().cpu()},
+        {"prompt": prompts, "group": [p.group for p in plans], "plan": list(range(len(plans)))},
+    )
+    return RolloutResult(samples, _train_steps_batch(recorded, prompts), calls)
+
+
+def _train_steps_batch(recorded: list[dict], prompts: list[str]) -> Batch:
+    if not recorded:
+        return Batch()
+    return Batch(
+        {
+            "x_in": torch.stack([r["x_in"] for r in recorded]).cpu(),
+            "x_out": torch.stack([r["x_out"] for r in recorded]).cpu(),
+            "sigma": torch.tensor([r["sigma"] for r in recorded], dtype=torch.float32),
+            "sigma_next": torch.tensor([r["sigma_next"] for r in recorded], dtype=torch.float32),
+            "g": torch.tensor([r["g"] for r in recorded], dtype=torch.float32),
+            "logp_old": torch.stack([r["logp_old"] for r in recorded]).float().cpu(),
+        },
+        {"sample": [r["sample"] for r in recorded], "prompt": [prompts[r["sample"]] for r in recorded]},
+    )
