@@ -107,6 +107,12 @@ def egrpo_plan(prompts, seeds, group_size, steps, lengths: list[int], rng: rando
     return plans
 
 
+def ode_plan(prompts: list[str], seeds: list[int], steps: int) -> list[SamplePlan]:
+    """Deterministic samples (every step ODE), one per (prompt, seed): what evaluation and `egrpo sample` draw."""
+    path = _ode_tail(0, steps)
+    return [SamplePlan(p, s, 0, k, 0, path) for k, (p, s) in enumerate(zip(prompts, seeds, strict=True))]
+
+
 def noise_spec(cfg: Config) -> NoiseSpec:
     return NoiseSpec(cfg.sampler.noise, cfg.sampler.noise_level)
 

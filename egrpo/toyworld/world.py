@@ -40,6 +40,8 @@ HALF_SIZE = 1 / 6
 # size factor in [1 - JITTER_SCALE, 1 + JITTER_SCALE].
 JITTER_SHIFT = 1 / 16
 JITTER_SCALE = 0.15
+# Anti-aliasing samples per pixel along each axis.
+SUPERSAMPLE = 4
 
 WORDS: list[str] = ["a", *COLOURS, *SHAPES, "at", "the", "top", "bottom", "left", "right"]
 
@@ -123,6 +125,16 @@ def shape_masks(shape: str, cx: torch.Tensor, cy: torch.Tensor, half: torch.Tens
     raise ValueError(f"unknown shape {shape!r}; known: {list(SHAPES)}")
 
 
+def _coverage(shape: str, cx: torch.Tensor, cy: torch.Tensor, half: torch.Tensor, size: int) -> torch.Tensor:
+    """(size, size) fraction of each pixel the shape covers, from SUPERSAMPLE x SUPERSAMPLE samples per pixel.
+
+    Anti-aliasing keeps small circles round: with hard pixel masks a single pixel can stick out of a circle,
+    which makes it look as much like a square as like a circle to the shape reward."""
+    k = SUPERSAMPLE
+    fine = shape_masks(shape, cx.view(1) * k, cy.view(1) * k, half.view(1) * k, size * k).float()
+    return torch.nn.functional.avg_pool2d(fine, k)[0]
+
+
 def render_batch(
     scenes: Sequence[Scene], size: int = 32, generator: torch.Generator | None = None
 ) -> torch.Tensor:
@@ -139,10 +151,15 @@ def render_batch(
         above = torch.tensor([4 / 3 if s.shape == "triangle" else 1.0 for s in scenes]) * half
         centres[:, 0] = torch.minimum(torch.maximum(centres[:, 0], half), size - half)
         centres[:, 1] = torch.minimum(torch.maximum(centres[:, 1], above), size - half)
-    images = torch.tensor(BACKGROUND).view(1, 3, 1, 1).repeat(n, 1, size, size)
-    for i, scene in enumerate(scenes):
-        mask = shape_masks(scene.shape, centres[i, :1], centres[i, 1:], half[i : i + 1], size)[0]
-        images[i, :, mask] = torch.tensor(COLOURS[scene.colour]).view(3, 1)
+    coverage = torch.stack(
+        [
+            _coverage(scene.shape, centres[i, 0], centres[i, 1], half[i], size)
+            for i, scene in enumerate(scenes)
+        ]
+    ).unsqueeze(1)
+    background = torch.tensor(BACKGROUND).view(1, 3, 1, 1)
+    colours = torch.tensor([COLOURS[s.colour] for s in scenes]).view(n, 3, 1, 1)
+    images = background + coverage * (colours - background)
     return images
 
 

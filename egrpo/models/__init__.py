@@ -1,0 +1,1 @@
+"""Diffusion transformers as RL policies (`policy`) and tiny offline stand-ins for tests and the toy world (`tiny`)."""

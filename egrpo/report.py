@@ -1,0 +1,99 @@
+"""What a run shows: metrics.jsonl (and wandb, offline by default), the reward-curve PNG and image grids."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+
+class MetricsLog:
+    """Appends one JSON line per record to `metrics.jsonl`; mirrors it to wandb unless wandb is disabled."""
+
+    def __init__(self, run_dir: Path, wandb_mode: str, config: dict[str, Any], resume: bool = False) -> None:
+        self.path = run_dir / "metrics.jsonl"
+        if not resume:
+            self.path.write_text("")
+        self.wandb = None
+        if wandb_mode != "disabled":
+            os.environ.setdefault("WANDB_SILENT", "true")
+            import wandb
+
+            self.wandb = wandb.init(project="egrpo", name=run_dir.name, dir=str(run_dir), mode=wandb_mode,
+                                    config=config, reinit="finish_previous")
+
+    def log(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in record.items() if isinstance(v, (int, float))},
+                           step=int(record.get("iteration", 0)))
+
+    def records(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+    def close(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def plot_reward_curve(records: list[dict[str, Any]], path: Path, title: str) -> None:
+    """Train reward per iteration and held-out (eval) reward where evaluated."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    train = [(r["iteration"], r["reward/mean"]) for r in records if "reward/mean" in r]
+    evals = [(r["iteration"], r["eval/reward_mean"]) for r in records if "eval/reward_mean" in r]
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train rollouts (mean reward)", alpha=0.7)
+    if evals:
+        ax.plot(*zip(*evals, strict=True), "o-", label="held-out prompts, ODE samples")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("reward (weighted sum)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def save_image_grid(rows: list[torch.Tensor], row_labels: list[str], captions: list[str], path: Path) -> None:
+    """A grid with one row per tensor of images (N, 3, H, W) in [0, 1]; columns captioned by `captions`."""
+    cols = max(len(r) for r in rows)
+    fig, axes = plt.subplots(len(rows), cols, figsize=(1.3 * cols, 1.5 * len(rows) + 0.3), squeeze=False)
+    for r, (images, label) in enumerate(zip(rows, row_labels, strict=True)):
+        for c in range(cols):
+            ax = axes[r][c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c < len(images):
+                ax.imshow(images[c].permute(1, 2, 0).clamp(0, 1).numpy(), interpolation="nearest")
+            if r == 0 and c < len(captions):
+                ax.set_title(_wrap(captions[c]), fontsize=6)
+        axes[r][0].set_ylabel(label, fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _wrap(text: str, width: int = 16) -> str:
+    words, lines, line = text.split(), [], ""
+    for w in words:
+        if line and len(line) + len(w) + 1 > width:
+            lines.append(line)
+            line = w
+        else:
+            line = f"{line} {w}".strip()
+    return "\n".join([*lines, line])
+
+
+def mean_or_nan(values: torch.Tensor) -> float:
+    finite = values[torch.isfinite(values)]
+    return float(finite.mean()) if len(finite) else math.nan

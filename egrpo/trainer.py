@@ -1,0 +1,183 @@
+"""The in-process reference loop: plan -> rollout -> reward -> advantages -> update, one iteration at a time.
+
+It is the algorithm with nothing distributed around it. The Ray runtime runs the same pieces (`run_plan`,
+`score_rollout`, `GRPOLearner`) inside actors, and tests compare the two.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from egrpo.algo.advantages import group_advantages
+from egrpo.batch import Batch
+from egrpo.checkpoint import load_checkpoint, load_torch_optimizer, save_checkpoint, save_torch_optimizer
+from egrpo.config import Config, dump_config, to_dict
+from egrpo.data.prompts import PromptSampler, load_prompts
+from egrpo.learner import GRPOLearner
+from egrpo.report import MetricsLog, mean_or_nan, plot_reward_curve, save_image_grid
+from egrpo.rewards.base import build_reward_models, score_all
+from egrpo.sampling.plans import build_plan, noise_spec, ode_plan
+from egrpo.sampling.rollout import RolloutResult, SamplerSettings, run_plan
+from egrpo.sampling.steps import sigma_schedule
+
+log = logging.getLogger("egrpo")
+
+TOY_CHECKPOINT = Path(__file__).parent / "toyworld" / "checkpoint"
+EVAL_SEED = 10_000  # held-out samples use seeds EVAL_SEED + k, the same at every evaluation
+
+
+def resolve_model_path(path: str) -> Path:
+    return TOY_CHECKPOINT if path == "toy" else Path(path)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def load_policy(cfg: Config, device: torch.device | None = None):
+    from egrpo.models.policy import FlowPolicy
+
+    m = cfg.model
+    policy = FlowPolicy.from_pretrained(
+        resolve_model_path(m.path), device=device or pick_device(cfg.run.device), dtype=getattr(torch, m.dtype),
+        height=m.height, width=m.width, guidance=m.guidance, max_sequence_length=m.max_sequence_length,
+    )
+    policy.setup_finetune(m.finetune, rank=m.lora_rank, alpha=m.lora_alpha, targets=m.lora_targets)
+    return policy
+
+
+def sampler_settings(cfg: Config) -> SamplerSettings:
+    s = cfg.sampler
+    return SamplerSettings(sigma_schedule(s.steps, s.shift), noise_spec(cfg), s.logprob_reduction, s.decode_from)
+
+
+def score_rollout(cfg: Config, result: RolloutResult, rewards: dict[str, torch.Tensor]) -> tuple[Batch, dict]:
+    """Advantages per plan group, attached to the trained steps of valid samples; and reward metrics."""
+    weights = cfg.rewards.weights
+    adv = group_advantages(rewards, result.samples["group"], weights, cfg.rewards.combine, cfg.train.adv_clip)
+    steps = result.train_steps
+    sample_of_step = torch.tensor(steps["sample"], dtype=torch.long)
+    steps.tensors["advantage"] = adv.values[sample_of_step]
+    steps = steps.select(adv.valid[sample_of_step])
+    total = sum(w * rewards[name] for name, w in weights.items())
+    metrics = {"reward/mean": mean_or_nan(total), "reward/nan_dropped": adv.dropped_nan,
+               "train/steps": len(steps), "samples": len(result.samples)}
+    metrics.update({f"reward/{name}": mean_or_nan(rewards[name]) for name in weights})
+    return steps, metrics
+
+
+@dataclass
+class RunOutputs:
+    run_dir: Path
+    metrics: Path
+    reward_curve: Path
+    sample_grid: Path
+    checkpoint: Path
+
+
+class Trainer:
+    def __init__(self, cfg: Config, resume: str | None = None) -> None:
+        self.cfg = cfg
+        self.run_dir = cfg.run_dir
+        self.train_prompts = load_prompts(cfg.data.prompts)
+        self.eval_prompts = load_prompts(cfg.data.eval_prompts)[: cfg.train.eval_prompts]
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, self.run_dir / "config.yaml")
+        self.policy = load_policy(cfg)
+        self.reward_models = build_reward_models(cfg.rewards.weights)
+        self.sampler = PromptSampler(self.train_prompts, cfg.run.seed)
+        self.learner = GRPOLearner(self.policy, cfg.train, cfg.sampler.logprob_reduction)
+        self.settings = sampler_settings(cfg)
+        self.start_iteration = 0
+        self.checkpoint: Path | None = None
+        if resume is not None:
+            self._resume(resume)
+        self.log = MetricsLog(self.run_dir, cfg.run.wandb, to_dict(cfg), resume=resume is not None)
+        if resume is not None:
+            self._truncate_metrics(self.start_iteration)
+
+    def _resume(self, path: str) -> None:
+        target = self.run_dir if path == "auto" else Path(path)
+        state = load_checkpoint(target, self.policy)
+        load_torch_optimizer(self.learner.optimizer, Path(state["path"]))
+        self.sampler.load_state_dict(state["sampler"])
+        self.start_iteration = state["iteration"] + 1
+        self.checkpoint = Path(state["path"])
+        log.info("resumed from %s at iteration %d", state["path"], self.start_iteration)
+
+    def _truncate_metrics(self, iteration: int) -> None:
+        """Drop records the crashed run wrote after its checkpoint, so the log reads as one clean run."""
+        kept = [r for r in self.log.records() if r.get("iteration", 0) < iteration]
+        self.log.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+    def evaluate(self) -> tuple[dict[str, float], torch.Tensor]:
+        """Mean rewards of deterministic (ODE) samples on the held-out prompts, with fixed seeds."""
+        seeds = [EVAL_SEED + k for k in range(len(self.eval_prompts))]
+        result = run_plan(self.policy, ode_plan(self.eval_prompts, seeds, self.cfg.sampler.steps), self.settings)
+        images = result.samples["images"]
+        rewards = score_all(self.reward_models, images, self.eval_prompts)
+        weights = self.cfg.rewards.weights
+        metrics = {"eval/reward_mean": mean_or_nan(sum(w * rewards[n] for n, w in weights.items()))}
+        metrics.update({f"eval/{n}": mean_or_nan(rewards[n]) for n in weights})
+        return metrics, images
+
+    def iteration(self, iteration: int) -> dict[str, Any]:
+        cfg = self.cfg
+        prompts = self.sampler.next(cfg.plan.prompts_per_iteration)
+        t0 = time.perf_counter()
+        result = run_plan(self.policy, build_plan(cfg, prompts, iteration), self.settings)
+        t1 = time.perf_counter()
+        rewards = score_all(self.reward_models, result.samples["images"], result.samples["prompt"])
+        steps, metrics = score_rollout(cfg, result, rewards)
+        t2 = time.perf_counter()
+        if len(steps):
+            metrics.update(self.learner.train_iteration(steps, seed=cfg.run.seed * 100_003 + iteration))
+        t3 = time.perf_counter()
+        metrics.update({"time/rollout": t1 - t0, "time/reward": t2 - t1, "time/learn": t3 - t2,
+                        "images_per_s": len(result.samples) / (t1 - t0), "nfe/rollout": result.transformer_calls})
+        return metrics
+
+    def save(self, iteration: int) -> Path:
+        state = {"sampler": self.sampler.state_dict(), "rng": "derived from run.seed and the iteration"}
+        self.checkpoint = save_checkpoint(self.run_dir / "checkpoints", iteration, self.policy, state,
+                                          save_torch_optimizer(self.learner.optimizer))
+        return self.checkpoint
+
+    def run(self) -> RunOutputs:
+        cfg = self.cfg
+        last = cfg.train.iterations - 1
+        start_metrics, start_images = self.evaluate()
+        log.info("held-out reward before training: %.3f", start_metrics["eval/reward_mean"])
+        if self.start_iteration == 0:
+            self.log.log({"iteration": 0, **start_metrics})
+        images = start_images
+        bar = tqdm(range(self.start_iteration, cfg.train.iterations), desc=f"{cfg.plan.method} training",
+                   unit="it", initial=self.start_iteration, total=cfg.train.iterations)
+        for it in bar:
+            record = {"iteration": it + 1, **self.iteration(it)}
+            if it == last or (cfg.train.eval_every and (it + 1) % cfg.train.eval_every == 0):
+                eval_metrics, images = self.evaluate()
+                record.update(eval_metrics)
+            self.log.log(record)
+            bar.set_postfix(reward=f"{record['reward/mean']:.3f}",
+                            eval=f"{record.get('eval/reward_mean', float('nan')):.3f}")
+            if it == last or (it + 1) % cfg.train.checkpoint_every == 0:
+                self.save(it)
+        outputs = RunOutputs(self.run_dir, self.log.path, self.run_dir / "reward_curve.png",
+                             self.run_dir / "samples.png", self.checkpoint)
+        plot_reward_curve(self.log.records(), outputs.reward_curve, f"{cfg.run.name} ({cfg.plan.method})")
+        shown = min(8, len(self.eval_prompts))
+        save_image_grid([start_images[:shown], images[:shown]], ["before", "after"], self.eval_prompts[:shown],
+                        outputs.sample_grid)
+        self.log.close()
+        return outputs
