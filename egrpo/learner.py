@@ -18,10 +18,14 @@ from egrpo.sampling.rollout import VelocityModel
 from egrpo.sampling.steps import gaussian_logprob
 
 
-def minibatch_order(rows: int, batch_size: int, seed: int) -> list[list[int]]:
-    """A seeded shuffle of the rows, cut into minibatches of `batch_size` (the last may be smaller)."""
-    order = torch.randperm(rows, generator=torch.Generator().manual_seed(seed)).tolist()
-    return [order[a : a + batch_size] for a in range(0, rows, batch_size)]
+def make_minibatches(steps: Batch, batch_size: int, seed: int, min_size: int = 1) -> list[Batch]:
+    """A seeded shuffle of the trained steps cut into minibatches of `batch_size`; a last one smaller than
+    `min_size` (e.g. the number of data-parallel ranks, each of which needs a row) joins the one before."""
+    order = torch.randperm(len(steps), generator=torch.Generator().manual_seed(seed)).tolist()
+    cuts = [order[a : a + batch_size] for a in range(0, len(order), batch_size)]
+    if len(cuts) > 1 and len(cuts[-1]) < min_size:
+        cuts[-2].extend(cuts.pop())
+    return [steps.select(rows) for rows in cuts]
 
 
 class GRPOLearner:
@@ -54,10 +58,11 @@ class GRPOLearner:
             out.append(gaussian_logprob(mb["x_out"].to(mean.device), mean, std, self.reduction))
         return out
 
-    def train_iteration(self, steps: Batch, seed: int) -> dict[str, float]:
-        """Run `epochs` passes of clipped updates over the trained steps (which carry an `advantage` column)."""
+    def train_iteration(self, minibatches: list[Batch]) -> dict[str, float]:
+        """`epochs` passes of clipped updates over the minibatches of trained steps (with an `advantage` column).
+
+        One optimiser step per minibatch; under data parallelism each rank gets its slice of every minibatch."""
         policy: VelocityModel = self.policy
-        minibatches = [steps.select(idx) for idx in minibatch_order(len(steps), self.train.batch_size, seed)]
         logp_old = self.old_logprobs(minibatches)
         rollout_mismatch = max(
             (lo.cpu() - mb["logp_old"]).abs().max().item() for lo, mb in zip(logp_old, minibatches, strict=True)

@@ -21,7 +21,7 @@ from egrpo.batch import Batch
 from egrpo.checkpoint import load_checkpoint, load_torch_optimizer, save_checkpoint, save_torch_optimizer
 from egrpo.config import Config, dump_config, to_dict
 from egrpo.data.prompts import PromptSampler, load_prompts
-from egrpo.learner import GRPOLearner
+from egrpo.learner import GRPOLearner, make_minibatches
 from egrpo.report import MetricsLog, mean_or_nan, plot_reward_curve, save_image_grid
 from egrpo.rewards.base import build_reward_models, score_all
 from egrpo.sampling.plans import build_plan, noise_spec, ode_plan
@@ -141,7 +141,8 @@ class Trainer:
         steps, metrics = score_rollout(cfg, result, rewards)
         t2 = time.perf_counter()
         if len(steps):
-            metrics.update(self.learner.train_iteration(steps, seed=cfg.run.seed * 100_003 + iteration))
+            minibatches = make_minibatches(steps, cfg.train.batch_size, seed=cfg.run.seed * 100_003 + iteration)
+            metrics.update(self.learner.train_iteration(minibatches))
         t3 = time.perf_counter()
         metrics.update({"time/rollout": t1 - t0, "time/reward": t2 - t1, "time/learn": t3 - t2,
                         "images_per_s": len(result.samples) / (t1 - t0), "nfe/rollout": result.transformer_calls})

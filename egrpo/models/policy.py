@@ -138,7 +138,9 @@ class FlowPolicy:
             raise FileNotFoundError(f"no diffusers pipeline at {path}: {index_file} does not exist")
         index = json.loads(index_file.read_text())
         if index.get("_class_name") not in _PIPELINES:
-            raise ValueError(f"{path} holds a {index.get('_class_name')}; egrpo supports {sorted(_PIPELINES)}")
+            raise ValueError(
+                f"{path} holds a {index.get('_class_name')}; egrpo supports {sorted(_PIPELINES)}"
+            )
         family, pipeline_class = _PIPELINES[index["_class_name"]]
         null_components = {name: None for name, spec in index.items() if spec == [None, None]}
         pipe = pipeline_class.from_pretrained(path, dtype=dtype, local_files_only=True, **null_components)
@@ -147,8 +149,7 @@ class FlowPolicy:
         settings_file = path / EGRPO_SETTINGS_FILE
         settings = json.loads(settings_file.read_text()) if settings_file.is_file() else {}
         pixel_unshuffle = settings.get("pixel_unshuffle")
-        scale = pipe.vae_scale_factor if pipe.vae is not None else pixel_unshuffle
-        default_size = (pipe.default_sample_size * scale) if scale else 0
+        default_size = pipe.default_sample_size * (pixel_unshuffle or pipe.vae_scale_factor)
         return cls(
             pipe,
             family=family,
@@ -182,7 +183,10 @@ class FlowPolicy:
     def _encode(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         if self.family == "flux":
             embeds, pooled, txt_ids = self.pipe.encode_prompt(
-                prompt=prompts, prompt_2=None, device=self.device, max_sequence_length=self.max_sequence_length
+                prompt=prompts,
+                prompt_2=None,
+                device=self.device,
+                max_sequence_length=self.max_sequence_length,
             )
             # diffusers' txt_ids are (seq, 3), shared by the batch; repeat them to keep the dict batch-first.
             txt_ids = txt_ids.expand(len(prompts), -1, -1)
@@ -203,7 +207,10 @@ class FlowPolicy:
         """(B, *latent_shape) float32 noise, one CPU generator per seed: a sample's noise depends on its seed
         alone, not on what else is in the batch, and equals diffusers' with `generator=[Generator(seed)...]`."""
         noise = torch.stack(
-            [torch.randn(self._unpacked_shape, generator=torch.Generator("cpu").manual_seed(s)) for s in seeds]
+            [
+                torch.randn(self._unpacked_shape, generator=torch.Generator("cpu").manual_seed(s))
+                for s in seeds
+            ]
         )
         return self._pack(noise).to(self.device)
 

@@ -1,9 +1,8 @@
 """The toy world: prompts like "a red circle at the top left" and the images they describe.
 
-Every prompt names one of 4 colours, 3 shapes and 4 quadrants (48 scenes). Images are a single flat-coloured
-shape on a dark grey background, drawn with pixel masks in pure torch so a whole batch renders in
-milliseconds. The same mask code draws the reward templates (`toyworld.rewards`), so a perfect render
-matches its template pixel for pixel.
+Every prompt names one of 4 colours, 3 shapes and 4 quadrants (48 scenes). Images are a single flat-coloured,
+anti-aliased shape on a dark grey background, drawn with coordinate masks in pure torch so a whole batch
+renders in milliseconds. The same mask code (`shape_masks`) draws the reward templates (`toyworld.rewards`).
 
 Coordinates are in pixels with x to the right and y down; pixel (row i, column j) has its centre at
 (x, y) = (j + 0.5, i + 0.5).
@@ -82,9 +81,7 @@ def _held_out(scene: Scene) -> bool:
     For a fixed (colour, shape) exactly one position is held out, for a fixed (shape, position) exactly one
     colour, and for a fixed (colour, position) at most one shape, so every pair of attributes in an eval
     prompt has been seen together in training: evaluation tests composition, not unseen words or pairs."""
-    index = (
-        list(COLOURS).index(scene.colour) + SHAPES.index(scene.shape) + POSITIONS.index(scene.position)
-    )
+    index = list(COLOURS).index(scene.colour) + SHAPES.index(scene.shape) + POSITIONS.index(scene.position)
     return index % 4 == 0
 
 
@@ -106,7 +103,9 @@ def quadrant_centre(position: str, size: int) -> tuple[float, float]:
     return x, y
 
 
-def shape_masks(shape: str, cx: torch.Tensor, cy: torch.Tensor, half: torch.Tensor, size: int) -> torch.Tensor:
+def shape_masks(
+    shape: str, cx: torch.Tensor, cy: torch.Tensor, half: torch.Tensor, size: int
+) -> torch.Tensor:
     """Boolean (B, size, size) masks of one shape with centres (cx, cy) and half-sizes `half`, each (B,).
 
     The centre is the shape's centroid: for the triangle (apex up, base 2h wide, height 2h) that puts the
@@ -140,7 +139,7 @@ def render_batch(
 ) -> torch.Tensor:
     """(B, 3, size, size) float32 images in [0, 1]; with a generator, each shape's centre and size are jittered."""
     n = len(scenes)
-    centres = torch.tensor([quadrant_centre(s.position, size) for s in scenes], dtype=torch.float32).view(n, 2)
+    centres = torch.tensor([quadrant_centre(s.position, size) for s in scenes]).view(n, 2)
     half = torch.full((n,), HALF_SIZE * size)
     if generator is not None:
         u = torch.rand(n, 3, generator=generator) * 2 - 1  # uniform in [-1, 1]
@@ -159,8 +158,7 @@ def render_batch(
     ).unsqueeze(1)
     background = torch.tensor(BACKGROUND).view(1, 3, 1, 1)
     colours = torch.tensor([COLOURS[s.colour] for s in scenes]).view(n, 3, 1, 1)
-    images = background + coverage * (colours - background)
-    return images
+    return background + coverage * (colours - background)
 
 
 def render(scene: Scene, size: int = 32, *, jitter: torch.Generator | None = None) -> torch.Tensor:
