@@ -30,30 +30,44 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def staging_dir(root: Path, iteration: int) -> Path:
+    """Where checkpoint `iteration` is assembled before it is renamed into place."""
+    return root / f".tmp_iter_{iteration:06d}"
+
+
+def start_checkpoint(root: Path, iteration: int, policy, loop_state: dict[str, Any]) -> Path:
+    """Create a fresh staging folder with the weights and the loop state; returns it."""
+    staging = staging_dir(root, iteration)
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    policy.save_weights(staging / "weights")
+    state = {k: v.contiguous() for k, v in policy.trainable_state_dict().items()}
+    save_file(state, str(staging / "trainable.safetensors"))
+    (staging / "optimizer").mkdir()
+    (staging / "state.json").write_text(json.dumps({"iteration": iteration, **loop_state}, indent=1))
+    return staging
+
+
+def publish_checkpoint(root: Path, iteration: int) -> Path:
+    """Rename the staged checkpoint into place, then point `latest` at it (the atomic last step)."""
+    final = root / f"iter_{iteration:06d}"
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(staging_dir(root, iteration), final)
+    _atomic_write_text(root / "latest", final.name)
+    return final
+
+
 def save_checkpoint(
     root: Path,
     iteration: int,
     policy,
     loop_state: dict[str, Any],
-    save_optimizer: Callable[[Path], None] | None = None,
+    save_optimizer: Callable[[Path], None],
 ) -> Path:
     """Write checkpoint `iteration` under `root` (the run's checkpoints folder) and point `latest` at it."""
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"iter_{iteration:06d}"
-    tmp = root / f".tmp_iter_{iteration:06d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    policy.save_weights(tmp / "weights")
-    state = {k: v.contiguous() for k, v in policy.trainable_state_dict().items()}
-    save_file(state, str(tmp / "trainable.safetensors"))
-    if save_optimizer is not None:
-        (tmp / "optimizer").mkdir()
-        save_optimizer(tmp / "optimizer")
-    (tmp / "state.json").write_text(json.dumps({"iteration": iteration, **loop_state}, indent=1))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    _atomic_write_text(root / "latest", final.name)
-    return final
+    staging = start_checkpoint(root, iteration, policy, loop_state)
+    save_optimizer(staging / "optimizer")
+    return publish_checkpoint(root, iteration)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

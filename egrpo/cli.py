@@ -24,7 +24,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     load_prompts(cfg.data.prompts)  # a missing or empty prompts file stops here, before any model loads
     load_prompts(cfg.data.eval_prompts)
-    from egrpo.trainer import Trainer
+    if cfg.runtime.backend == "local":
+        from egrpo.trainer import Trainer
+    else:
+        from egrpo.runtime.driver import RayTrainer as Trainer
 
     outputs = Trainer(cfg, resume=args.resume).run()
     print(f"\nrun finished: {outputs.run_dir}")
@@ -106,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="egrpo", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="train with the recipe (in-process loop)")
+    p = sub.add_parser("train", help="train with the recipe (on Ray; runtime.backend=local: in-process loop)")
     _add_config_args(p)
     p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="PATH|auto",
                    help="continue from a checkpoint folder, or the run's latest (auto)")
@@ -142,6 +145,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"egrpo: config error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        if type(e).__name__ != "ClusterError":  # imported lazily with Ray; anything else is a bug
+            raise
+        print(f"egrpo: {e}", file=sys.stderr)
+        return 3
     except (FileNotFoundError, ValueError) as e:
         if args.command in ("train", "plan", "sample") and _is_input_error(e):
             print(f"egrpo: {e}", file=sys.stderr)

@@ -50,7 +50,7 @@ class ModelConfig:
     guidance: float = _f(3.5, "distilled guidance scale (FLUX.1-dev); ignored by models without guidance embedding")
     height: int = _f(0, "image height in pixels; 0 = the model folder's default")
     width: int = _f(0, "image width in pixels; 0 = the model folder's default")
-    max_sequence_length: int = _f(512, "T5 tokens per prompt (FLUX.1-dev: 512)")
+    max_sequence_length: int = _f(0, "T5 tokens per prompt; 0 = the model folder's egrpo.json, else 512")
 
 
 @dataclass(frozen=True)
@@ -121,6 +121,33 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class RuntimeConfig:
+    backend: Literal["ray", "local"] = _f("ray", "ray: actors on a Ray cluster; local: the in-process reference loop")
+    address: str = _f("", "Ray address to join; empty = $RAY_ADDRESS if set, else start a local Ray")
+    rollout_workers: int = _f(2, "RolloutWorker actors")
+    reward_servers: int = _f(1, "RewardServer actors")
+    learners: int = _f(1, "Learner actors (DeepSpeed data parallel ranks)")
+    zero_stage: int = _f(0, "DeepSpeed ZeRO stage 0-3")
+    rollout_cpus: float = _f(1.0, "CPUs per rollout worker (logical; a local Ray declares what is asked)")
+    reward_cpus: float = _f(0.5, "CPUs per reward server")
+    learner_cpus: float = _f(1.0, "CPUs per learner")
+    rollout_gpus: float = _f(1.0, "GPUs per rollout worker, used when the cluster has GPUs")
+    reward_gpus: float = _f(0.25, "GPUs per reward server, used when the cluster has GPUs")
+    learner_gpus: float = _f(1.0, "GPUs per learner, used when the cluster has GPUs")
+    placement: Literal["PACK", "SPREAD"] = _f("PACK", "placement-group strategy of each actor group")
+    dashboard: bool = _f(True, "start the Ray dashboard with a local Ray")
+    dashboard_host: str = _f("127.0.0.1", "address the local Ray dashboard binds to")
+    sync_check: bool = _f(False, "after each weight sync, compare checksums of the received weights")
+    timeout_s: float = _f(900.0, "longest wait for one actor call before the run stops with an error")
+
+
+@dataclass(frozen=True)
+class ChaosConfig:
+    kill: Literal["", "rollout", "reward", "learner"] = _f("", "kill one actor of this role mid-iteration")
+    at_iteration: int = _f(1, "iteration (0-based) at which the actor is killed")
+
+
+@dataclass(frozen=True)
 class Config:
     run: RunConfig = _f(RunConfig(), "")
     model: ModelConfig = _f(ModelConfig(), "")
@@ -132,6 +159,8 @@ class Config:
     train: TrainConfig = _f(TrainConfig(), "")
     rewards: RewardConfig = _f(RewardConfig(), "")
     data: DataConfig = _f(DataConfig(), "")
+    runtime: RuntimeConfig = _f(RuntimeConfig(), "")
+    chaos: ChaosConfig = _f(ChaosConfig(), "")
 
     @property
     def run_dir(self) -> Path:
@@ -297,3 +326,12 @@ def validate(cfg: Config) -> None:
     _require(cfg.model.height >= 0 and cfg.model.width >= 0, "model.height", "must be >= 0")
     _require(bool(cfg.rewards.weights), "rewards.weights", "name at least one reward")
     _require(bool(cfg.run.name) and "/" not in cfg.run.name, "run.name", "must be a non-empty folder name")
+    r = cfg.runtime
+    for key in ("rollout_workers", "reward_servers", "learners"):
+        _require(getattr(r, key) >= 1, f"runtime.{key}", "must be >= 1")
+    for key in ("rollout_cpus", "reward_cpus", "learner_cpus", "rollout_gpus", "reward_gpus", "learner_gpus"):
+        _require(getattr(r, key) >= 0, f"runtime.{key}", "must be >= 0")
+    _require(0 <= r.zero_stage <= 3, "runtime.zero_stage", "must be 0, 1, 2 or 3")
+    _require(t.batch_size >= r.learners, "train.batch_size", "must be >= runtime.learners (each rank needs rows)")
+    _require(r.timeout_s > 0, "runtime.timeout_s", "must be > 0")
+    _require(cfg.chaos.at_iteration >= 0, "chaos.at_iteration", "must be >= 0")

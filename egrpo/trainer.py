@@ -20,13 +20,14 @@ from egrpo.algo.advantages import group_advantages
 from egrpo.batch import Batch
 from egrpo.checkpoint import load_checkpoint, load_torch_optimizer, save_checkpoint, save_torch_optimizer
 from egrpo.config import Config, dump_config, to_dict
-from egrpo.data.prompts import PromptSampler, load_prompts
+from egrpo.data.prompts import load_prompts
 from egrpo.learner import GRPOLearner, make_minibatches
 from egrpo.report import MetricsLog, mean_or_nan, plot_reward_curve, save_image_grid
 from egrpo.rewards.base import build_reward_models, score_all
-from egrpo.sampling.plans import build_plan, noise_spec, ode_plan
+from egrpo.sampling.plans import noise_spec, ode_plan
 from egrpo.sampling.rollout import RolloutResult, SamplerSettings, run_plan
 from egrpo.sampling.steps import sigma_schedule
+from egrpo.scheduler import Scheduler
 
 log = logging.getLogger("egrpo")
 
@@ -82,77 +83,58 @@ class RunOutputs:
     metrics: Path
     reward_curve: Path
     sample_grid: Path
-    checkpoint: Path
+    checkpoint: Path | None
 
 
-class Trainer:
-    def __init__(self, cfg: Config, resume: str | None = None) -> None:
+def held_out_plan(cfg: Config, prompts: list[str]) -> list:
+    """Deterministic (ODE) samples of the held-out prompts, with the same seeds at every evaluation."""
+    return ode_plan(prompts, [EVAL_SEED + k for k in range(len(prompts))], cfg.sampler.steps)
+
+
+def eval_metrics(cfg: Config, rewards: dict[str, torch.Tensor]) -> dict[str, float]:
+    weights = cfg.rewards.weights
+    metrics = {"eval/reward_mean": mean_or_nan(sum(w * rewards[n] for n, w in weights.items()))}
+    metrics.update({f"eval/{n}": mean_or_nan(rewards[n]) for n in weights})
+    return metrics
+
+
+class TrainingLoop:
+    """The schedule every backend shares: evaluate, iterate, evaluate and checkpoint on schedule, plot.
+
+    A backend provides `evaluate()`, `iteration(k)`, `save(k)`, `close()` and the fields set in `_setup_run`."""
+
+    cfg: Config
+    eval_prompts: list[str]
+    start_iteration: int
+    checkpoint: Path | None
+    log: MetricsLog
+
+    def _setup_run(self, cfg: Config) -> None:
         self.cfg = cfg
         self.run_dir = cfg.run_dir
-        self.train_prompts = load_prompts(cfg.data.prompts)
         self.eval_prompts = load_prompts(cfg.data.eval_prompts)[: cfg.train.eval_prompts]
         self.run_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, self.run_dir / "config.yaml")
-        self.policy = load_policy(cfg)
-        self.reward_models = build_reward_models(cfg.rewards.weights)
-        self.sampler = PromptSampler(self.train_prompts, cfg.run.seed)
-        self.learner = GRPOLearner(self.policy, cfg.train, cfg.sampler.logprob_reduction)
-        self.settings = sampler_settings(cfg)
         self.start_iteration = 0
-        self.checkpoint: Path | None = None
-        if resume is not None:
-            self._resume(resume)
-        self.log = MetricsLog(self.run_dir, cfg.run.wandb, to_dict(cfg), resume=resume is not None)
-        if resume is not None:
-            self._truncate_metrics(self.start_iteration)
+        self.checkpoint = None
 
-    def _resume(self, path: str) -> None:
-        target = self.run_dir if path == "auto" else Path(path)
-        state = load_checkpoint(target, self.policy)
-        load_torch_optimizer(self.learner.optimizer, Path(state["path"]))
-        self.sampler.load_state_dict(state["sampler"])
-        self.start_iteration = state["iteration"] + 1
-        self.checkpoint = Path(state["path"])
-        log.info("resumed from %s at iteration %d", state["path"], self.start_iteration)
-
-    def _truncate_metrics(self, iteration: int) -> None:
-        """Drop records the crashed run wrote after its checkpoint, so the log reads as one clean run."""
-        kept = [r for r in self.log.records() if r.get("iteration", 0) < iteration]
-        self.log.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    def _open_log(self, resumed: bool) -> None:
+        self.log = MetricsLog(self.run_dir, self.cfg.run.wandb, to_dict(self.cfg), resume=resumed)
+        if resumed:  # drop what a crashed run logged after its checkpoint, so the log reads as one run
+            kept = [r for r in self.log.records() if r.get("iteration", 0) <= self.start_iteration]
+            self.log.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
     def evaluate(self) -> tuple[dict[str, float], torch.Tensor]:
-        """Mean rewards of deterministic (ODE) samples on the held-out prompts, with fixed seeds."""
-        seeds = [EVAL_SEED + k for k in range(len(self.eval_prompts))]
-        result = run_plan(self.policy, ode_plan(self.eval_prompts, seeds, self.cfg.sampler.steps), self.settings)
-        images = result.samples["images"]
-        rewards = score_all(self.reward_models, images, self.eval_prompts)
-        weights = self.cfg.rewards.weights
-        metrics = {"eval/reward_mean": mean_or_nan(sum(w * rewards[n] for n, w in weights.items()))}
-        metrics.update({f"eval/{n}": mean_or_nan(rewards[n]) for n in weights})
-        return metrics, images
+        raise NotImplementedError
 
     def iteration(self, iteration: int) -> dict[str, Any]:
-        cfg = self.cfg
-        prompts = self.sampler.next(cfg.plan.prompts_per_iteration)
-        t0 = time.perf_counter()
-        result = run_plan(self.policy, build_plan(cfg, prompts, iteration), self.settings)
-        t1 = time.perf_counter()
-        rewards = score_all(self.reward_models, result.samples["images"], result.samples["prompt"])
-        steps, metrics = score_rollout(cfg, result, rewards)
-        t2 = time.perf_counter()
-        if len(steps):
-            minibatches = make_minibatches(steps, cfg.train.batch_size, seed=cfg.run.seed * 100_003 + iteration)
-            metrics.update(self.learner.train_iteration(minibatches))
-        t3 = time.perf_counter()
-        metrics.update({"time/rollout": t1 - t0, "time/reward": t2 - t1, "time/learn": t3 - t2,
-                        "images_per_s": len(result.samples) / (t1 - t0), "nfe/rollout": result.transformer_calls})
-        return metrics
+        raise NotImplementedError
 
     def save(self, iteration: int) -> Path:
-        state = {"sampler": self.sampler.state_dict(), "rng": "derived from run.seed and the iteration"}
-        self.checkpoint = save_checkpoint(self.run_dir / "checkpoints", iteration, self.policy, state,
-                                          save_torch_optimizer(self.learner.optimizer))
-        return self.checkpoint
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self.log.close()
 
     def run(self) -> RunOutputs:
         cfg = self.cfg
@@ -164,21 +146,78 @@ class Trainer:
         images = start_images
         bar = tqdm(range(self.start_iteration, cfg.train.iterations), desc=f"{cfg.plan.method} training",
                    unit="it", initial=self.start_iteration, total=cfg.train.iterations)
-        for it in bar:
-            record = {"iteration": it + 1, **self.iteration(it)}
-            if it == last or (cfg.train.eval_every and (it + 1) % cfg.train.eval_every == 0):
-                eval_metrics, images = self.evaluate()
-                record.update(eval_metrics)
-            self.log.log(record)
-            bar.set_postfix(reward=f"{record['reward/mean']:.3f}",
-                            eval=f"{record.get('eval/reward_mean', float('nan')):.3f}")
-            if it == last or (it + 1) % cfg.train.checkpoint_every == 0:
-                self.save(it)
-        outputs = RunOutputs(self.run_dir, self.log.path, self.run_dir / "reward_curve.png",
-                             self.run_dir / "samples.png", self.checkpoint)
-        plot_reward_curve(self.log.records(), outputs.reward_curve, f"{cfg.run.name} ({cfg.plan.method})")
-        shown = min(8, len(self.eval_prompts))
-        save_image_grid([start_images[:shown], images[:shown]], ["before", "after"], self.eval_prompts[:shown],
-                        outputs.sample_grid)
-        self.log.close()
+        try:
+            for it in bar:
+                record = {"iteration": it + 1, **self.iteration(it)}
+                if it == last or (cfg.train.eval_every and (it + 1) % cfg.train.eval_every == 0):
+                    eval_record, images = self.evaluate()
+                    record.update(eval_record)
+                self.log.log(record)
+                bar.set_postfix(reward=f"{record['reward/mean']:.3f}",
+                                eval=f"{record.get('eval/reward_mean', float('nan')):.3f}")
+                if it == last or (it + 1) % cfg.train.checkpoint_every == 0:
+                    self.save(it)
+            outputs = RunOutputs(self.run_dir, self.log.path, self.run_dir / "reward_curve.png",
+                                 self.run_dir / "samples.png", self.checkpoint)
+            plot_reward_curve(self.log.records(), outputs.reward_curve, f"{cfg.run.name} ({cfg.plan.method})")
+            shown = min(8, len(self.eval_prompts))
+            save_image_grid([start_images[:shown], images[:shown]], ["start", "end"], self.eval_prompts[:shown],
+                            outputs.sample_grid)
+        finally:
+            self.close()
         return outputs
+
+
+class Trainer(TrainingLoop):
+    """The in-process reference loop: every piece runs in this process, with a torch optimiser."""
+
+    def __init__(self, cfg: Config, resume: str | None = None) -> None:
+        self._setup_run(cfg)
+        self.policy = load_policy(cfg)
+        self.reward_models = build_reward_models(cfg.rewards.weights)
+        self.scheduler = Scheduler(cfg)
+        self.learner = GRPOLearner(self.policy, cfg.train, cfg.sampler.logprob_reduction)
+        self.settings = sampler_settings(cfg)
+        if resume is not None:
+            state = load_checkpoint(self.run_dir if resume == "auto" else Path(resume), self.policy)
+            load_torch_optimizer(self.learner.optimizer, Path(state["path"]))
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.start_iteration = state["iteration"] + 1
+            self.checkpoint = Path(state["path"])
+            log.info("resumed from %s at iteration %d", state["path"], self.start_iteration)
+        self._open_log(resumed=resume is not None)
+
+    def evaluate(self) -> tuple[dict[str, float], torch.Tensor]:
+        """Mean rewards of deterministic (ODE) samples on the held-out prompts, with fixed seeds."""
+        result = run_plan(self.policy, held_out_plan(self.cfg, self.eval_prompts), self.settings)
+        images = result.samples["images"]
+        return eval_metrics(self.cfg, score_all(self.reward_models, images, self.eval_prompts)), images
+
+    def iteration(self, iteration: int) -> dict[str, Any]:
+        cfg = self.cfg
+        plans = self.scheduler.plan(iteration)
+        t0 = time.perf_counter()
+        result = run_plan(self.policy, plans, self.settings)
+        self.scheduler.receive(result.samples["plan"])
+        t1 = time.perf_counter()
+        rewards = score_all(self.reward_models, result.samples["images"], result.samples["prompt"])
+        steps, metrics = score_rollout(cfg, result, rewards)
+        metrics.update(self.scheduler.check_complete())
+        t2 = time.perf_counter()
+        if len(steps):
+            minibatches = make_minibatches(steps, cfg.train.batch_size, seed=minibatch_seed(cfg, iteration))
+            metrics.update(self.learner.train_iteration(minibatches))
+        t3 = time.perf_counter()
+        metrics.update({"time/rollout": t1 - t0, "time/reward": t2 - t1, "time/learn": t3 - t2,
+                        "images_per_s": len(result.samples) / (t1 - t0), "nfe/rollout": result.transformer_calls})
+        return metrics
+
+    def save(self, iteration: int) -> Path:
+        state = {"scheduler": self.scheduler.state_dict(), "rng": "derived from run.seed and the iteration"}
+        self.checkpoint = save_checkpoint(self.run_dir / "checkpoints", iteration, self.policy, state,
+                                          save_torch_optimizer(self.learner.optimizer))
+        return self.checkpoint
+
+
+def minibatch_seed(cfg: Config, iteration: int) -> int:
+    return cfg.run.seed * 100_003 + iteration

@@ -212,6 +212,6 @@ def test_egrpo_branches_share_the_anchor_and_differ_after_exploring():
     flow = LinearFlow()
     eps = flow.initial_noise([plans[0].seed])[0]
     x0 = flow.target(PROMPTS[0])
-    for row, s in enumerate(steps["sample"]):
+    for row in range(len(steps)):
         sigma = float(steps["sigma"][row])
         assert torch.allclose(steps["x_in"][row], (1 - sigma) * x0 + sigma * eps, atol=1e-5)

@@ -124,11 +124,12 @@ class FlowPolicy:
         height: int = 0,
         width: int = 0,
         guidance: float = 3.5,
-        max_sequence_length: int = 512,
+        max_sequence_length: int = 0,
     ) -> FlowPolicy:
         """Load a diffusers FLUX or SD3 folder from local disk (never the hub).
 
-        Size 0 means: the folder's `egrpo.json` if it has one, else the pipeline's own default (FLUX: 1024).
+        Size 0 means: the folder's `egrpo.json` if it has one, else the pipeline's own default (FLUX: 1024);
+        max_sequence_length 0 likewise, else 512 (FLUX.1-dev's T5 length).
         Components saved as null (e.g. a missing VAE) are passed to diffusers as None explicitly, which is
         the only way its `from_pretrained` accepts such a folder.
         """
@@ -156,7 +157,7 @@ class FlowPolicy:
             height=height or settings.get("height") or default_size,
             width=width or settings.get("width") or default_size,
             guidance=guidance,
-            max_sequence_length=max_sequence_length,
+            max_sequence_length=max_sequence_length or settings.get("max_sequence_length") or 512,
             pixel_unshuffle=pixel_unshuffle,
         )
 

@@ -129,12 +129,18 @@ def build_sd3_pipeline(seed: int = 0) -> StableDiffusion3Pipeline:
 
 
 def save_pipeline(
-    pipe: DiffusionPipeline, path: str | Path, *, height: int, width: int, pixel_unshuffle: int | None = None
+    pipe: DiffusionPipeline,
+    path: str | Path,
+    *,
+    height: int,
+    width: int,
+    pixel_unshuffle: int | None = None,
+    max_sequence_length: int | None = None,
 ) -> None:
     """Save `pipe` as a diffusers folder (safetensors) plus `egrpo.json`, egrpo's defaults for that folder.
 
-    `egrpo.json` holds the image size to sample at and, for a pipeline without a VAE, the pixel-unshuffle
-    factor that defines its pixel latents. diffusers saves a missing VAE as `"vae": [null, null]` in
+    `egrpo.json` holds the image size to sample at, the T5 prompt length (None: 512) and, for a pipeline
+    without a VAE, the pixel-unshuffle factor that defines its pixel latents. diffusers saves a missing VAE as `"vae": [null, null]` in
     model_index.json (logging "self.vae=None ... cannot be saved", which is harmless), but its
     `from_pretrained` then refuses the folder unless `vae=None` is passed explicitly;
     `FlowPolicy.from_pretrained` does that for every null component.
@@ -143,7 +149,8 @@ def save_pipeline(
         raise ValueError("a pipeline without a VAE needs `pixel_unshuffle` to define its pixel latents")
     path = Path(path)
     pipe.save_pretrained(path, safe_serialization=True)
-    settings = {"height": height, "width": width, "pixel_unshuffle": pixel_unshuffle}
+    settings = {"height": height, "width": width, "pixel_unshuffle": pixel_unshuffle,
+                "max_sequence_length": max_sequence_length}
     (path / EGRPO_SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
 
 

@@ -34,8 +34,9 @@ def pretrain(out: Path, steps: int = 3000, seed: int = 0, batch_size: int = 48, 
     """Write a pretrained toy pipeline folder to `out` and return the policy loaded from it."""
     torch.manual_seed(seed)
     pipe = build_flux_pipeline(**MODEL, vae=False, pixel_unshuffle=PIXEL_UNSHUFFLE, words=WORDS, seed=seed)
-    save_pipeline(pipe, out, height=IMAGE_SIZE, width=IMAGE_SIZE, pixel_unshuffle=PIXEL_UNSHUFFLE)
-    policy = FlowPolicy.from_pretrained(out, max_sequence_length=TEXT_TOKENS)
+    save_pipeline(pipe, out, height=IMAGE_SIZE, width=IMAGE_SIZE, pixel_unshuffle=PIXEL_UNSHUFFLE,
+                  max_sequence_length=TEXT_TOKENS)
+    policy = FlowPolicy.from_pretrained(out)
     transformer = policy.transformer
     transformer.train().requires_grad_(True)
     params = [p for p in transformer.parameters() if p.requires_grad]
@@ -67,4 +68,4 @@ def pretrain(out: Path, steps: int = 3000, seed: int = 0, batch_size: int = 48, 
     transformer.eval().requires_grad_(False)
     transformer.save_pretrained(out / "transformer")
     log.info("saved the pretrained toy model to %s", out)
-    return FlowPolicy.from_pretrained(out, max_sequence_length=TEXT_TOKENS)
+    return FlowPolicy.from_pretrained(out)

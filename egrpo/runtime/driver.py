@@ -1,0 +1,284 @@
+"""The distributed training loop: the driver places actors on Ray and moves object references between them.
+
+One iteration (DESIGN.md): the BudgetScheduler plans; RolloutWorkers run their shards (split by prompt,
+balanced by work) with the weights version the driver hands them; RewardServers score the images; the
+driver normalises advantages per plan group (`score_rollout`, the same function as the in-process loop),
+cuts minibatches and pre-slices them per learner rank; the DeepSpeed learners step; rank 0's new weights
+go into the object store as the next version, which the rollout workers load on their next call.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from egrpo.batch import Batch
+from egrpo.checkpoint import resolve_checkpoint
+from egrpo.config import Config
+from egrpo.learner import make_minibatches
+from egrpo.runtime.actors import BudgetScheduler, RewardServer, RolloutShard, RolloutWorker, weights_checksum
+from egrpo.runtime.learner import LearnerActor, slice_for_ranks
+from egrpo.sampling.rollout import RolloutResult
+from egrpo.scheduler import split_by_prompt
+from egrpo.trainer import TrainingLoop, eval_metrics, held_out_plan, minibatch_seed, score_rollout
+
+log = logging.getLogger("egrpo.runtime")
+
+# What every actor's process needs: offline model loading, quiet telemetry, and CPU DeepSpeed when no GPU.
+ACTOR_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0",
+             "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled"}
+
+
+class ClusterError(RuntimeError):
+    """The cluster cannot run this config (unreachable, too small, or an actor died for good)."""
+
+
+def role_resources(cfg: Config, use_gpus: bool) -> dict[str, tuple[int, float, float]]:
+    """role -> (actors, CPUs each, GPUs each)."""
+    r = cfg.runtime
+    return {
+        "rollout": (r.rollout_workers, r.rollout_cpus, r.rollout_gpus if use_gpus else 0.0),
+        "reward": (r.reward_servers, r.reward_cpus, r.reward_gpus if use_gpus else 0.0),
+        "learner": (r.learners, r.learner_cpus, r.learner_gpus if use_gpus else 0.0),
+    }
+
+
+def connect(cfg: Config) -> None:
+    """Join `runtime.address` / $RAY_ADDRESS, or start a local Ray that declares the CPUs the actors ask for."""
+    if ray.is_initialized():
+        return
+    address = cfg.runtime.address or os.environ.get("RAY_ADDRESS", "")
+    env = dict(ACTOR_ENV)
+    if not torch.cuda.is_available():
+        env["DS_ACCELERATOR"] = "cpu"
+    if address:
+        log.info("joining the Ray cluster at %s", address)
+        try:
+            ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True)
+        except Exception as e:  # Ray raises ConnectionError, RuntimeError or its own types here
+            raise ClusterError(f"cannot reach the Ray cluster at {address!r}: {e}") from None
+        return
+    needed = sum(n * cpus for n, cpus, _ in role_resources(cfg, use_gpus=False).values())
+    logical_cpus = max(os.cpu_count() or 1, math.ceil(needed))
+    log.info("starting a local Ray with %d logical CPUs%s", logical_cpus,
+             f", dashboard at http://{cfg.runtime.dashboard_host}:8265" if cfg.runtime.dashboard else "")
+    ray.init(num_cpus=logical_cpus, include_dashboard=cfg.runtime.dashboard,
+             dashboard_host=cfg.runtime.dashboard_host, runtime_env={"env_vars": env}, log_to_driver=True)
+
+
+def check_resources(cfg: Config) -> bool:
+    """Fail in seconds, naming what was asked and what the cluster has, when the actors cannot all fit.
+    Returns whether GPUs are used (the cluster has any)."""
+    have = ray.cluster_resources()
+    use_gpus = have.get("GPU", 0) > 0
+    roles = role_resources(cfg, use_gpus)
+    need_cpu = sum(n * c for n, c, _ in roles.values())
+    need_gpu = sum(n * g for n, _, g in roles.values())
+    if need_cpu > have.get("CPU", 0) + 1e-9 or need_gpu > have.get("GPU", 0) + 1e-9:
+        asked = ", ".join(f"{n} {role} x ({c} CPU, {g} GPU)" for role, (n, c, g) in roles.items())
+        raise ClusterError(f"the config asks for {need_cpu:g} CPUs and {need_gpu:g} GPUs ({asked}); "
+                           f"the cluster has {have.get('CPU', 0):g} CPUs and {have.get('GPU', 0):g} GPUs")
+    return use_gpus
+
+
+class ActorGroup:
+    """N actors of one role in a placement group (PACK or SPREAD), named `<role>-<i>` for the dashboard."""
+
+    def __init__(self, role: str, actor_class, count: int, cpus: float, gpus: float, strategy: str,
+                 timeout_s: float, *args: Any) -> None:
+        self.role = role
+        self.pg = placement_group([{"CPU": cpus, "GPU": gpus} if gpus else {"CPU": cpus}] * count,
+                                  strategy=strategy, name=f"egrpo-{role}")
+        if not self.pg.wait(timeout_seconds=min(timeout_s, 60)):
+            remove_placement_group(self.pg)
+            raise ClusterError(f"could not place {count} {role} actors ({cpus} CPU, {gpus} GPU each, {strategy}); "
+                               f"cluster resources: {ray.cluster_resources()}")
+        self.actors = [
+            actor_class.options(
+                name=f"{role}-{i}", num_cpus=cpus, num_gpus=gpus,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
+            ).remote(*args)
+            for i in range(count)
+        ]
+
+    def __len__(self) -> int:
+        return len(self.actors)
+
+    def kill(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor)
+        remove_placement_group(self.pg)
+
+
+def merge_shards(shards: list[RolloutShard], total: int) -> RolloutResult:
+    """Put the workers' shards back into plan order, with `sample` indices that refer to the whole plan."""
+    samples, steps, calls = [], [], 0
+    for shard in shards:
+        ids = shard.sample_ids
+        s = shard.result.samples
+        samples.append(Batch(s.tensors, {**s.meta, "plan": ids}))
+        t = shard.result.train_steps
+        if len(t):
+            steps.append(Batch(t.tensors, {**t.meta, "sample": [ids[k] for k in t["sample"]]}))
+        calls += shard.result.transformer_calls
+    merged = Batch.concat(samples)
+    order = sorted(range(total), key=lambda k: merged["plan"][k])
+    train_steps = Batch.concat(steps)
+    step_order = sorted(range(len(train_steps)), key=lambda k: train_steps["sample"][k])  # stable: plan order
+    return RolloutResult(merged.select(order), train_steps.select(step_order), calls)
+
+
+class RayTrainer(TrainingLoop):
+    def __init__(self, cfg: Config, resume: str | None = None) -> None:
+        self._setup_run(cfg)
+        connect(cfg)
+        use_gpus = check_resources(cfg)
+        r, timeout = cfg.runtime, cfg.runtime.timeout_s
+        self.timeout = timeout
+        roles = role_resources(cfg, use_gpus)
+        start = time.perf_counter()
+        log.info("placing %d rollout workers, %d reward servers and %d learners (%s)",
+                 r.rollout_workers, r.reward_servers, r.learners, r.placement)
+        self.scheduler = BudgetScheduler.options(name="scheduler").remote(cfg)
+        self.rollout = ActorGroup("rollout", RolloutWorker, *roles["rollout"], r.placement, timeout, cfg,
+                                  roles["rollout"][1])
+        self.reward = ActorGroup("reward", RewardServer, *roles["reward"], r.placement, timeout,
+                                 list(cfg.rewards.weights), roles["reward"][1])
+        self.learners = ActorGroup("learner", LearnerActor, *roles["learner"], r.placement, timeout, cfg,
+                                   roles["learner"][1])
+        self._get([a.setup.remote(r.learners, rank, master) for rank, a, master in self._learner_ranks(r.zero_stage)])
+        self.version = 0
+        if resume is not None:
+            self._resume(Path(self.run_dir if resume == "auto" else resume))
+        self.weights = self.learners.actors[0].trainable_state_dict.remote()
+        self._get(self.rollout.actors[0].pid.remote())  # the slowest actors to start; log when they are up
+        log.info("actors ready in %.1f s", time.perf_counter() - start)
+        self._open_log(resumed=resume is not None)
+
+    def _learner_ranks(self, zero_stage: int):
+        """Two-phase learner init: rank 0 reports an address and free port, then every rank joins it."""
+        address = self._get(self.learners.actors[0].address.remote())
+        return [(a, rank, {"zero_stage": zero_stage, **address}) for rank, a in enumerate(self.learners.actors)]
+
+    def _get(self, refs, what: str = "actor call"):
+        try:
+            return ray.get(refs, timeout=self.timeout)
+        except ray.exceptions.GetTimeoutError:
+            raise ClusterError(f"{what} did not finish in runtime.timeout_s={self.timeout:g} s") from None
+
+    def _resume(self, path: Path) -> None:
+        folder = resolve_checkpoint(path)
+        state = json.loads((folder / "state.json").read_text())
+        self._get([a.load_checkpoint.remote(str(folder)) for a in self.learners.actors])
+        self._get(self.scheduler.load_state_dict.remote(state["scheduler"]))
+        self.start_iteration = state["iteration"] + 1
+        self.checkpoint = folder
+        log.info("resumed from %s at iteration %d", folder, self.start_iteration)
+
+    # ------------------------------------------------------------------------------------------------ stages
+
+    def _rollouts(self, plans, chaos: bool = False) -> tuple[RolloutResult, list[RolloutShard]]:
+        shards = split_by_prompt(plans, len(self.rollout))
+        refs = [worker.rollout.remote([plans[k] for k in ids], ids, [self.weights], self.version)
+                for worker, ids in zip(self.rollout.actors, shards, strict=True) if ids]
+        if chaos:
+            log.warning("chaos: killing rollout-0 mid-iteration")
+            ray.kill(self.rollout.actors[0], no_restart=False)
+        results = self._get(refs, "rollout")
+        return merge_shards(results, len(plans)), results
+
+    def _score(self, samples: Batch, chaos: bool = False) -> dict[str, torch.Tensor]:
+        parts = [p for p in samples.split(len(self.reward)) if len(p)]
+        refs = [server.score.remote(part) for server, part in zip(self.reward.actors, parts, strict=False)]
+        if chaos:
+            log.warning("chaos: killing reward-0 mid-iteration")
+            ray.kill(self.reward.actors[0], no_restart=False)
+        scores = self._get(refs, "reward scoring")
+        return {name: torch.cat([s[name] for s in scores]) for name in scores[0]}
+
+    def evaluate(self) -> tuple[dict[str, float], torch.Tensor]:
+        result, _ = self._rollouts(held_out_plan(self.cfg, self.eval_prompts))
+        images = result.samples["images"]
+        return eval_metrics(self.cfg, self._score(result.samples)), images
+
+    def iteration(self, iteration: int) -> dict[str, Any]:
+        cfg = self.cfg
+        chaos = cfg.chaos.kill if cfg.chaos.at_iteration == iteration else ""
+        t0 = time.perf_counter()
+        plans = self._get(self.scheduler.plan.remote(iteration))
+        t1 = time.perf_counter()
+        result, shards = self._rollouts(plans, chaos == "rollout")
+        for shard in shards:
+            self.scheduler.receive.remote(shard.sample_ids)
+        t2 = time.perf_counter()
+        rewards = self._score(result.samples, chaos == "reward")
+        steps, metrics = score_rollout(cfg, result, rewards)
+        metrics.update(self._get(self.scheduler.check_complete.remote()))
+        t3 = time.perf_counter()
+        if len(steps):
+            minibatches = make_minibatches(steps, cfg.train.batch_size, minibatch_seed(cfg, iteration),
+                                           min_size=len(self.learners))
+            per_rank = [ray.put(part) for part in slice_for_ranks(minibatches, len(self.learners))]
+            refs = [a.train.remote(part) for a, part in zip(self.learners.actors, per_rank, strict=True)]
+            if chaos == "learner":
+                log.warning("chaos: killing learner-0 mid-iteration")
+                ray.kill(self.learners.actors[0], no_restart=True)
+            try:
+                metrics.update(self._get(refs, "learner step")[0])
+            except ray.exceptions.RayActorError as e:
+                raise ClusterError(
+                    f"a learner died at iteration {iteration} ({type(e).__name__}); DeepSpeed ranks cannot be "
+                    f"replaced mid-run. Resume from the last checkpoint ({self.checkpoint or 'none yet'}) with "
+                    f"`egrpo train CONFIG --resume auto`") from None
+        t4 = time.perf_counter()
+        self.weights = self.learners.actors[0].trainable_state_dict.remote()
+        self.version += 1
+        ray.wait([self.weights], timeout=self.timeout)
+        t5 = time.perf_counter()
+        if cfg.runtime.sync_check:
+            metrics["sync/max_checksum_error"] = self.sync_check()
+        staleness = [self.version - 1 - s.weights_version for s in shards]
+        metrics.update({
+            "time/schedule": t1 - t0, "time/rollout": t2 - t1, "time/reward": t3 - t2, "time/learn": t4 - t3,
+            "time/sync": t5 - t4, "images_per_s": len(result.samples) / (t2 - t1),
+            "nfe/rollout": result.transformer_calls, "staleness/max": max(staleness, default=0),
+            "weights_version": self.version,
+        })
+        self.scheduler.publish.remote(metrics)
+        return metrics
+
+    def sync_check(self) -> float:
+        """Push the current weights to every rollout worker now and compare their checksums with rank 0's."""
+        sent = weights_checksum(ray.get(self.weights))
+        self._get([w.sync.remote([self.weights], self.version) for w in self.rollout.actors])
+        received = self._get([w.weights_checksum.remote() for w in self.rollout.actors])
+        return max(abs(r - sent) for r in received)
+
+    def save(self, iteration: int) -> Path:
+        root = self.run_dir / "checkpoints"
+        state = {"scheduler": self._get(self.scheduler.state_dict.remote()),
+                 "rng": "derived from run.seed and the iteration"}
+        paths = self._get([a.save_checkpoint.remote(str(root), iteration, state) for a in self.learners.actors],
+                          "checkpoint")
+        self.checkpoint = Path(paths[0])
+        return self.checkpoint
+
+    def close(self) -> None:
+        super().close()
+        try:
+            ray.get([a.close.remote() for a in self.learners.actors], timeout=30)
+        except Exception:  # a dead learner cannot close its process group; Ray reclaims it anyway
+            pass
+        for group in (self.rollout, self.reward, self.learners):
+            group.kill()
+        ray.kill(self.scheduler)
