@@ -102,6 +102,7 @@ class TrainConfig:
     checkpoint_every: int = _f(10, "iterations between checkpoints (the last iteration always saves)")
     eval_every: int = _f(5, "iterations between held-out evaluations (0 = only at start and end)")
     eval_prompts: int = _f(16, "held-out prompts used for evaluation")
+    eval_seeds: int = _f(4, "deterministic samples per held-out prompt (seeds fixed for the whole run)")
 
 
 @dataclass(frozen=True)
@@ -128,6 +129,7 @@ class RuntimeConfig:
     reward_servers: int = _f(1, "RewardServer actors")
     learners: int = _f(1, "Learner actors (DeepSpeed data parallel ranks)")
     zero_stage: int = _f(0, "DeepSpeed ZeRO stage 0-3")
+    bf16: bool = _f(False, "DeepSpeed bf16 mixed precision (CUDA only; requires model.dtype=bfloat16)")
     rollout_cpus: float = _f(1.0, "CPUs per rollout worker (logical; a local Ray declares what is asked)")
     reward_cpus: float = _f(0.5, "CPUs per reward server")
     learner_cpus: float = _f(1.0, "CPUs per learner")
@@ -208,6 +210,11 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         return {_convert(k, key_tp, key): _convert(v, val_tp, f"{key}.{k}") for k, v in value.items()}
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if tp in (int, float, str, bool) and (type(value) is not tp):
         raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r} ({type(value).__name__})")
     return value
@@ -322,6 +329,7 @@ def validate(cfg: Config) -> None:
     _require(t.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1")
     _require(t.eval_every >= 0, "train.eval_every", "must be >= 0")
     _require(t.eval_prompts >= 1, "train.eval_prompts", "must be >= 1")
+    _require(t.eval_seeds >= 1, "train.eval_seeds", "must be >= 1")
     _require(cfg.model.lora_rank >= 1, "model.lora_rank", "must be >= 1")
     _require(cfg.model.height >= 0 and cfg.model.width >= 0, "model.height", "must be >= 0")
     _require(bool(cfg.rewards.weights), "rewards.weights", "name at least one reward")

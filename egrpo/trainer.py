@@ -87,8 +87,10 @@ class RunOutputs:
 
 
 def held_out_plan(cfg: Config, prompts: list[str]) -> list:
-    """Deterministic (ODE) samples of the held-out prompts, with the same seeds at every evaluation."""
-    return ode_plan(prompts, [EVAL_SEED + k for k in range(len(prompts))], cfg.sampler.steps)
+    """Deterministic (ODE) samples of the held-out prompts, `train.eval_seeds` each, with the same seeds at
+    every evaluation. Sample k * len(prompts) + j is prompt j's k-th seed, so the first row is one per prompt."""
+    repeated = prompts * cfg.train.eval_seeds
+    return ode_plan(repeated, [EVAL_SEED + k for k in range(len(repeated))], cfg.sampler.steps)
 
 
 def eval_metrics(cfg: Config, rewards: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -190,8 +192,8 @@ class Trainer(TrainingLoop):
     def evaluate(self) -> tuple[dict[str, float], torch.Tensor]:
         """Mean rewards of deterministic (ODE) samples on the held-out prompts, with fixed seeds."""
         result = run_plan(self.policy, held_out_plan(self.cfg, self.eval_prompts), self.settings)
-        images = result.samples["images"]
-        return eval_metrics(self.cfg, score_all(self.reward_models, images, self.eval_prompts)), images
+        images, prompts = result.samples["images"], result.samples["prompt"]
+        return eval_metrics(self.cfg, score_all(self.reward_models, images, prompts)), images
 
     def iteration(self, iteration: int) -> dict[str, Any]:
         cfg = self.cfg

@@ -14,7 +14,9 @@ from diffusers import FluxPipeline, FluxTransformer2DModel
 
 from egrpo.models.policy import FlowPolicy
 from egrpo.models.tiny import build_flux_pipeline, build_sd3_pipeline, save_pipeline
-from egrpo.sampling.steps import sigma_schedule
+from egrpo.sampling.plans import ode_plan
+from egrpo.sampling.rollout import SamplerSettings, run_plan
+from egrpo.sampling.steps import NoiseSpec, sigma_schedule
 
 SIZE = 32
 MAX_SEQ = 16
@@ -126,16 +128,13 @@ def test_pixel_latents_invert_exactly_and_vae_latents_have_the_sampler_shape(
 
 @pytest.mark.parametrize("name", list(BUILDERS))
 def test_ode_sampling_reproduces_the_diffusers_pipeline(folders: dict[str, Path], name: str) -> None:
+    """egrpo's sampler (`run_plan` on an all-ODE plan) is the library's own sampling loop."""
     steps = 4
     policy = load(folders[name])
     sigmas = sigma_schedule(steps, shift=3.0)
     noise = policy.initial_noise([0, 1])
-    cond = policy.encode_prompts(PROMPTS)
-    x = noise.clone()
-    with torch.no_grad():
-        for i in range(steps):
-            sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
-            x = x + (sigma_next - sigma) * policy.velocity(x, sigma, cond)
+    settings = SamplerSettings(sigmas, NoiseSpec("flow_grpo", 0.7))
+    result = run_plan(policy, ode_plan(PROMPTS, [0, 1], steps), settings)
 
     call = dict(
         prompt=PROMPTS,
@@ -155,8 +154,12 @@ def test_ode_sampling_reproduces_the_diffusers_pipeline(folders: dict[str, Path]
         call.update(guidance_scale=1.0, sigmas=np.linspace(1.0, 1 / steps, steps))
     expected = policy.pipe(**call).images
     torch.testing.assert_close(policy.pipe.scheduler.sigmas.double(), sigmas, atol=1e-6, rtol=0)
-    torch.testing.assert_close(x, expected, atol=1e-5, rtol=0)
-    assert not torch.allclose(x, noise, atol=0.1)  # the sampler moved
+    with torch.no_grad():
+        torch.testing.assert_close(result.samples["images"], policy.decode(expected), atol=1e-5, rtol=0)
+    if policy.family == "flux" and policy.pipe.vae is not None:  # the whole pipeline, decoding included
+        images = policy.pipe(**{**call, "output_type": "pt"}).images
+        torch.testing.assert_close(result.samples["images"], images.float(), atol=1e-4, rtol=0)
+    assert not torch.allclose(expected, noise, atol=0.1)  # the sampler moved
 
 
 def test_lora_is_a_no_op_until_trained_then_reference_and_saved_weights_agree(

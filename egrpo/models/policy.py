@@ -317,6 +317,7 @@ class FlowPolicy:
             self.transformer.requires_grad_(True)
         else:
             raise ValueError(f"finetune mode must be 'lora' or 'full', got {mode!r}")
+        self.transformer.eval()  # peft adds its modules in train mode; egrpo never wants dropout in rollouts
         self.finetune_mode = mode
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:

@@ -27,7 +27,7 @@ from egrpo.checkpoint import resolve_checkpoint
 from egrpo.config import Config
 from egrpo.learner import make_minibatches
 from egrpo.runtime.actors import BudgetScheduler, RewardServer, RolloutShard, RolloutWorker, weights_checksum
-from egrpo.runtime.learner import LearnerActor, slice_for_ranks
+from egrpo.runtime.learner import LearnerActor, LearnerSettings, slice_for_ranks
 from egrpo.sampling.rollout import RolloutResult
 from egrpo.scheduler import split_by_prompt
 from egrpo.trainer import TrainingLoop, eval_metrics, held_out_plan, minibatch_seed, score_rollout
@@ -156,19 +156,29 @@ class RayTrainer(TrainingLoop):
                                  list(cfg.rewards.weights), roles["reward"][1])
         self.learners = ActorGroup("learner", LearnerActor, *roles["learner"], r.placement, timeout, cfg,
                                    roles["learner"][1])
-        self._get([a.setup.remote(r.learners, rank, master) for rank, a, master in self._learner_ranks(r.zero_stage)])
+        self._setup_learners()
         self.version = 0
         if resume is not None:
             self._resume(Path(self.run_dir if resume == "auto" else resume))
-        self.weights = self.learners.actors[0].trainable_state_dict.remote()
+        self._publish_weights()
         self._get(self.rollout.actors[0].pid.remote())  # the slowest actors to start; log when they are up
         log.info("actors ready in %.1f s", time.perf_counter() - start)
         self._open_log(resumed=resume is not None)
 
-    def _learner_ranks(self, zero_stage: int):
-        """Two-phase learner init: rank 0 reports an address and free port, then every rank joins it."""
+    def _setup_learners(self) -> None:
+        """Two-phase init: rank 0 reports its node's address and a free port, then every rank joins it
+        (one collective call, so all ranks meet inside `init_process_group`)."""
+        r = self.cfg.runtime
         address = self._get(self.learners.actors[0].address.remote())
-        return [(a, rank, {"zero_stage": zero_stage, **address}) for rank, a in enumerate(self.learners.actors)]
+        settings = [LearnerSettings(zero_stage=r.zero_stage, bf16=r.bf16, world_size=r.learners, rank=rank,
+                                    timeout_s=r.timeout_s, **address) for rank in range(r.learners)]
+        self._get([a.setup.remote(s) for a, s in zip(self.learners.actors, settings, strict=True)], "learner setup")
+
+    def _publish_weights(self) -> None:
+        """Rank 0's trainable weights, as the next version in the object store. Under ZeRO 3 gathering them
+        is a collective, so every rank is asked and rank 0's answer kept."""
+        actors = self.learners.actors if self.cfg.runtime.zero_stage == 3 else self.learners.actors[:1]
+        self.weights = [a.trainable_state_dict.remote() for a in actors][0]
 
     def _get(self, refs, what: str = "actor call"):
         try:
@@ -234,14 +244,15 @@ class RayTrainer(TrainingLoop):
                 log.warning("chaos: killing learner-0 mid-iteration")
                 ray.kill(self.learners.actors[0], no_restart=True)
             try:
-                metrics.update(self._get(refs, "learner step")[0])
+                per_rank = self._get(refs, "learner step")
+                metrics.update({k: sum(m[k] for m in per_rank) / len(per_rank) for k in per_rank[0]})
             except ray.exceptions.RayActorError as e:
                 raise ClusterError(
                     f"a learner died at iteration {iteration} ({type(e).__name__}); DeepSpeed ranks cannot be "
                     f"replaced mid-run. Resume from the last checkpoint ({self.checkpoint or 'none yet'}) with "
                     f"`egrpo train CONFIG --resume auto`") from None
         t4 = time.perf_counter()
-        self.weights = self.learners.actors[0].trainable_state_dict.remote()
+        self._publish_weights()
         self.version += 1
         ray.wait([self.weights], timeout=self.timeout)
         t5 = time.perf_counter()
