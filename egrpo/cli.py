@@ -101,7 +101,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 def cmd_toy_pretrain(args: argparse.Namespace) -> int:
     from egrpo.toyworld.pretrain import pretrain
 
-    pretrain(Path(args.out), steps=args.steps, seed=args.seed, caption_noise=args.caption_noise)
+    pretrain(Path(args.out), steps=args.steps, seed=args.seed, pull_to_centre=args.pull_to_centre)
     return 0
 
 
@@ -131,9 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     toy = sub.add_parser("toy", help="the CPU toy world").add_subparsers(dest="toy_command", required=True)
     p = toy.add_parser("pretrain", help="rebuild the toy text-to-image checkpoint by flow matching")
     p.add_argument("--out", default=str(Path(__file__).parent / "toyworld" / "checkpoint"))
-    p.add_argument("--steps", type=int, default=1500)
-    p.add_argument("--caption-noise", type=float, default=0.25,
-                   help="rate at which a training caption names a wrong colour (and, independently, position)")
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--pull-to-centre", type=float, default=0.5,
+                   help="training shapes sit up to this fraction of the way from their quadrant to the centre")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_toy_pretrain)
     return parser

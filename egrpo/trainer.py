@@ -53,7 +53,9 @@ def load_policy(cfg: Config, device: torch.device | None = None):
         resolve_model_path(m.path), device=device or pick_device(cfg.run.device), dtype=getattr(torch, m.dtype),
         height=m.height, width=m.width, guidance=m.guidance, max_sequence_length=m.max_sequence_length,
     )
-    policy.setup_finetune(m.finetune, rank=m.lora_rank, alpha=m.lora_alpha, targets=m.lora_targets)
+    with torch.random.fork_rng(devices=[]):  # the LoRA init is the same in every process (learners, workers)
+        torch.manual_seed(cfg.run.seed)
+        policy.setup_finetune(m.finetune, rank=m.lora_rank, alpha=m.lora_alpha, targets=m.lora_targets)
     return policy
 
 

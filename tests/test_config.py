@@ -21,6 +21,7 @@ def test_overrides_are_typed_and_nested():
     cfg = load_config(RECIPES[0], ["sampler.steps=12", "egrpo.tau=3", "rewards.weights.toy_colour=2.5"])
     assert cfg.sampler.steps == 12 and cfg.egrpo.tau == 3.0 and isinstance(cfg.egrpo.tau, float)
     assert cfg.rewards.weights["toy_colour"] == 2.5
+    assert load_config(RECIPES[0], ["train.lr=2e-3"]).train.lr == 2e-3  # YAML reads 2e-3 as a string
     assert parse_overrides(["a.b=true", "a.c=x"]) == {"a": {"b": True, "c": "x"}}
 
 

@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,18 @@ def role_resources(cfg: Config, use_gpus: bool) -> dict[str, tuple[int, float, f
     }
 
 
+def probe_address(address: str, timeout_s: float = 5.0) -> None:
+    """Fail in seconds when nothing listens at a Ray address: `ray.init` itself retries for minutes."""
+    if address in ("auto", "local"):
+        return
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = hostport.rpartition(":")
+    try:
+        socket.create_connection((host or hostport, int(port) if port.isdigit() else 6379), timeout=timeout_s).close()
+    except OSError as e:
+        raise ClusterError(f"cannot reach the Ray cluster at {address!r}: {e}") from None
+
+
 def connect(cfg: Config) -> None:
     """Join `runtime.address` / $RAY_ADDRESS, or start a local Ray that declares the CPUs the actors ask for."""
     if ray.is_initialized():
@@ -63,6 +76,7 @@ def connect(cfg: Config) -> None:
         env["DS_ACCELERATOR"] = "cpu"
     if address:
         log.info("joining the Ray cluster at %s", address)
+        probe_address(address)
         try:
             ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True)
         except Exception as e:  # Ray raises ConnectionError, RuntimeError or its own types here

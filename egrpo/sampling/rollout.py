@@ -143,8 +143,10 @@ def run_plan(policy: VelocityModel, plans: list[SamplePlan], settings: SamplerSe
 
 
 def _train_steps_batch(recorded: list[dict], prompts: list[str]) -> Batch:
+    """Trained steps ordered by sample (then step): the same order however the plan was split or batched."""
     if not recorded:
         return Batch()
+    recorded = sorted(recorded, key=lambda r: r["sample"])
     return Batch(
         {
             "x_in": torch.stack([r["x_in"] for r in recorded]).cpu(),

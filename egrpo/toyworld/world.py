@@ -135,12 +135,16 @@ def _coverage(shape: str, cx: torch.Tensor, cy: torch.Tensor, half: torch.Tensor
 
 
 def render_batch(
-    scenes: Sequence[Scene], size: int = 32, generator: torch.Generator | None = None
+    scenes: Sequence[Scene], size: int = 32, generator: torch.Generator | None = None, pull_to_centre: float = 0.0
 ) -> torch.Tensor:
-    """(B, 3, size, size) float32 images in [0, 1]; with a generator, each shape's centre and size are jittered."""
+    """(B, 3, size, size) float32 images in [0, 1]; with a generator, each shape's centre and size are jittered,
+    and its centre is moved a uniform random fraction in [0, pull_to_centre] of the way to the image centre."""
     n = len(scenes)
     centres = torch.tensor([quadrant_centre(s.position, size) for s in scenes]).view(n, 2)
     half = torch.full((n,), HALF_SIZE * size)
+    if generator is not None and pull_to_centre > 0:
+        pull = torch.rand(n, 1, generator=generator) * pull_to_centre
+        centres = centres + pull * (size / 2 - centres)
     if generator is not None:
         u = torch.rand(n, 3, generator=generator) * 2 - 1  # uniform in [-1, 1]
         centres = centres + u[:, :2] * JITTER_SHIFT * size
