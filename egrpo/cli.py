@@ -101,7 +101,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 def cmd_toy_pretrain(args: argparse.Namespace) -> int:
     from egrpo.toyworld.pretrain import pretrain
 
-    pretrain(Path(args.out), steps=args.steps, seed=args.seed, pull_to_centre=args.pull_to_centre)
+    pretrain(Path(args.out), steps=args.steps, seed=args.seed, pull_to_centre=args.pull_to_centre, dim=args.dim)
     return 0
 
 
@@ -134,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--pull-to-centre", type=float, default=0.5,
                    help="training shapes sit up to this fraction of the way from their quadrant to the centre")
+    p.add_argument("--dim", type=float, default=0.45,
+                   help="training shapes are drawn at a random (1 - dim) to 100%% of their palette intensity")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_toy_pretrain)
     return parser

@@ -184,3 +184,21 @@ def test_score_all_merges_and_keeps_nan():
     out = score_all(build_reward_models(["toy_position"]), images, [s.prompt for s in scenes])
     assert set(out) == set(ToyReward.names)
     assert all(v.shape == (4,) and v.isnan().tolist() == [False, False, True, False] for v in out.values())
+
+
+def test_colour_reward_credits_intensity_and_pretraining_renders_can_fade_and_drift():
+    from egrpo.toyworld.world import BACKGROUND
+
+    scene = Scene("red", "square", "top left")
+    full = render_batch([scene], 32)
+    background = torch.tensor(BACKGROUND).view(1, 3, 1, 1)
+    half = background + 0.5 * (full - background)
+    reward = ToyReward()
+    full_colour = reward.score(full, [scene.prompt])["toy_colour"].item()
+    half_colour = reward.score(half, [scene.prompt])["toy_colour"].item()
+    assert full_colour > 0.9 and 0.4 < half_colour / full_colour < 0.6
+    gen = torch.Generator().manual_seed(0)
+    faded = render_batch([scene] * 64, 32, gen, pull_to_centre=0.5, dim=0.45)
+    scores = reward.score(faded, [scene.prompt] * 64)
+    assert scores["toy_colour"].mean() < full_colour - 0.1  # dimmer on average
+    assert scores["toy_position"].mean() < reward.score(full, [scene.prompt])["toy_position"].item() - 0.05

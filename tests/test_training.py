@@ -79,3 +79,21 @@ def test_nan_rewards_are_dropped_from_training_and_counted(tmp_path):
     assert math.isfinite(metrics["reward/mean"])
     assert 0 not in steps["sample"] and 4 not in steps["sample"]
     assert torch.isfinite(steps["advantage"]).all() and len(steps) == len(result.train_steps) - 2
+
+
+def test_sample_command_draws_base_and_checkpoint_rows(tmp_path):
+    import subprocess
+    import sys
+
+    cfg = _config(tmp_path, "toy-egrpo.yaml", "train.iterations=1", "plan.prompts_per_iteration=1",
+                  "train.eval_prompts=2", "train.eval_seeds=1")
+    outputs = Trainer(cfg).run()
+    out = tmp_path / "grid.png"
+    result = subprocess.run(
+        [sys.executable, "-m", "egrpo.cli", "sample", str(RECIPES / "toy-egrpo.yaml"), "--checkpoint",
+         str(cfg.run_dir), "--prompt", "a red circle at the top left", "--prompt", "a blue square at the top right",
+         "--out", str(out), "--set", "runtime.backend=local"],
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert out.stat().st_size > 0 and "iter 1" in result.stdout and "base" in result.stdout
+    assert outputs.checkpoint.name == "iter_000000"

@@ -3,10 +3,11 @@
 The model is a real `FluxTransformer2DModel` in a real `FluxPipeline` folder (tiny CLIP + T5 text encoders,
 word-level T5 vocabulary) whose latents are pixels: a 32x32 RGB image in [-1, 1], pixel-unshuffled by 2
 (12 channels at 16x16; FLUX packs that into 64 tokens of 48). It is trained on renders of all 48 toy scenes
-with jittered centre and size, and loose placement: each shape is pulled a random 0-`pull_to_centre` of the way
-from its quadrant's centre towards the image centre (a stand-in for the imprecise layouts real base models
-learn from web images). The base model therefore places shapes too close to the middle: a smooth, unimodal
-error that a prompt-checking reward can correct, decided in the early, high-noise steps that E-GRPO explores.
+with jittered centre and size, loose placement (each shape is pulled a random 0-`pull_to_centre` of the way from
+its quadrant's centre towards the image centre) and faded colours (each shape drawn at a random 1-`dim` to 100%
+of its palette intensity): a stand-in for the imprecise, washed-out images real base models learn from. The base
+model therefore draws shapes too dim and too close to the middle: smooth, unimodal errors that the
+prompt-checking rewards measure and RL can correct.
 The loss is the rectified-flow loss ||v_theta(x_t, t) - (eps - x0)||^2 and
 t ~ logit-normal(0, 1) (as SD3 trains). Deterministic for a seed on one machine type; the folder it writes is
 loaded by the same `FlowPolicy.from_pretrained` that loads FLUX.1-dev.
@@ -35,7 +36,7 @@ MODEL = dict(num_layers=2, num_single_layers=2, num_attention_heads=4, attention
 
 
 def pretrain(out: Path, steps: int = 2000, seed: int = 0, batch_size: int = 48, lr: float = 1e-3,
-             pull_to_centre: float = 0.5) -> FlowPolicy:
+             pull_to_centre: float = 0.5, dim: float = 0.45) -> FlowPolicy:
     """Write a pretrained toy pipeline folder to `out` and return the policy loaded from it."""
     torch.manual_seed(seed)
     pipe = build_flux_pipeline(**MODEL, vae=False, pixel_unshuffle=PIXEL_UNSHUFFLE, words=WORDS, seed=seed)
@@ -58,7 +59,7 @@ def pretrain(out: Path, steps: int = 2000, seed: int = 0, batch_size: int = 48, 
     bar = tqdm(range(steps), desc="toy pretrain", unit="step")
     for _step in bar:
         batch = [picker.choice(scenes) for _ in range(batch_size)]
-        x0 = policy.encode_images(render_batch(batch, IMAGE_SIZE, data_gen, pull_to_centre))
+        x0 = policy.encode_images(render_batch(batch, IMAGE_SIZE, data_gen, pull_to_centre, dim))
         eps = torch.randn(x0.shape, generator=data_gen)
         t = torch.sigmoid(torch.randn(batch_size, generator=data_gen))
         x_t = (1 - t[:, None, None]) * x0 + t[:, None, None] * eps

@@ -3,8 +3,9 @@
 Each reward reads the image's *foreground*, the pixels far from the background colour, and scores one
 attribute in [0, 1] (higher is better):
 
-- toy_colour: mean over foreground pixels of how close each is to a blend of background and requested colour
-  (a dimmed or anti-aliased requested colour counts fully; another palette colour scores 0).
+- toy_colour: mean over foreground pixels of how close each is to the line from the background to the requested
+  colour, times how far along that line it reaches (a pixel at 60% of the requested colour scores 0.6; another
+  palette colour scores 0).
 - toy_shape: IoU of the foreground with the requested shape's template, weighted by how much better it fits
   than the other shapes' templates (each drawn at the foreground's centroid and area).
 - toy_position: 1 when the foreground centroid is at the requested quadrant's centre, falling linearly to 0 at
@@ -35,6 +36,10 @@ from egrpo.toyworld.world import (
 # A pixel is foreground when its RGB distance from the background exceeds this: under half the smallest
 # background-to-palette distance (0.65, green), so anything drawn in a palette colour counts.
 FOREGROUND_THRESHOLD = 0.3
+# Foreground is soft for area, colour and centroid: a pixel's weight ramps linearly from 0 to 1 over this RGB
+# distance around the threshold. A hard mask would make the rewards piecewise constant in the pixels, so small
+# changes of an image (what RL explores) would mostly not change them at all.
+FOREGROUND_SOFTNESS = 0.2
 # Foreground pixels for full coverage, as a fraction of the image area: half the smallest jittered shape
 # (a triangle at 0.85 x size/6 covers about 4% of the image).
 MIN_AREA = 0.02
@@ -69,8 +74,10 @@ class ToyReward:
         size = images.shape[-1]
 
         background = torch.tensor(BACKGROUND).view(1, 3, 1, 1)
-        foreground = (images - background).norm(dim=1) > FOREGROUND_THRESHOLD  # (B, H, W)
-        area = foreground.flatten(1).sum(dim=1).float()
+        distance_from_background = (images - background).norm(dim=1)  # (B, H, W)
+        weight = ((distance_from_background - FOREGROUND_THRESHOLD) / FOREGROUND_SOFTNESS + 0.5).clamp(0, 1)
+        foreground = weight > 0.5  # the hard mask, for the shape templates' IoU
+        area = weight.flatten(1).sum(dim=1)
         count = area.clamp(min=1)  # a divisor that is safe for a blank image (whose sums are all 0)
         coverage = (area / (MIN_AREA * size * size)).clamp(max=1)
 
@@ -80,16 +87,17 @@ class ToyReward:
             (offset * direction).sum(dim=1, keepdim=True) / (direction**2).sum(dim=1, keepdim=True)
         ).clamp(0, 1)
         match = (1 - (offset - blend * direction).norm(dim=1) / COLOUR_RADIUS).clamp(min=0)
-        colour = (match * foreground).flatten(1).sum(dim=1) / count
+        colour = (match * blend.squeeze(1) * weight).flatten(1).sum(dim=1) / count
 
         coords = torch.arange(size, dtype=torch.float32) + 0.5
-        cx = (foreground.sum(dim=1) * coords).sum(dim=1) / count
-        cy = (foreground.sum(dim=2) * coords).sum(dim=1) / count
+        cx = (weight.sum(dim=1) * coords).sum(dim=1) / count
+        cy = (weight.sum(dim=2) * coords).sum(dim=1) / count
         wanted = torch.tensor([quadrant_centre(s.position, size) for s in scenes])
         distance = torch.hypot(cx - wanted[:, 0], cy - wanted[:, 1])
         position = (1 - distance / (size / 2)).clamp(min=0)
 
-        shape = _shape_score(foreground, count, cx, cy, [SHAPES.index(s.shape) for s in scenes])
+        hard_area = foreground.flatten(1).sum(dim=1).float().clamp(min=1)
+        shape = _shape_score(foreground, hard_area, cx, cy, [SHAPES.index(s.shape) for s in scenes])
 
         nan = torch.tensor(float("nan"))
         return {

@@ -135,10 +135,15 @@ def _coverage(shape: str, cx: torch.Tensor, cy: torch.Tensor, half: torch.Tensor
 
 
 def render_batch(
-    scenes: Sequence[Scene], size: int = 32, generator: torch.Generator | None = None, pull_to_centre: float = 0.0
+    scenes: Sequence[Scene],
+    size: int = 32,
+    generator: torch.Generator | None = None,
+    pull_to_centre: float = 0.0,
+    dim: float = 0.0,
 ) -> torch.Tensor:
     """(B, 3, size, size) float32 images in [0, 1]; with a generator, each shape's centre and size are jittered,
-    and its centre is moved a uniform random fraction in [0, pull_to_centre] of the way to the image centre."""
+    its centre is moved a uniform random fraction in [0, pull_to_centre] of the way to the image centre, and its
+    colour is blended towards the background by a uniform random fraction in [0, dim]."""
     n = len(scenes)
     centres = torch.tensor([quadrant_centre(s.position, size) for s in scenes]).view(n, 2)
     half = torch.full((n,), HALF_SIZE * size)
@@ -162,7 +167,10 @@ def render_batch(
     ).unsqueeze(1)
     background = torch.tensor(BACKGROUND).view(1, 3, 1, 1)
     colours = torch.tensor([COLOURS[s.colour] for s in scenes]).view(n, 3, 1, 1)
-    return background + coverage * (colours - background)
+    intensity = torch.ones(n, 1, 1, 1)
+    if generator is not None and dim > 0:
+        intensity = 1 - torch.rand(n, 1, 1, 1, generator=generator) * dim
+    return background + coverage * intensity * (colours - background)
 
 
 def render(scene: Scene, size: int = 32, *, jitter: torch.Generator | None = None) -> torch.Tensor:
