@@ -14,9 +14,10 @@ from egrpo.sampling.rollout import run_plan
 from egrpo.trainer import Trainer, load_policy, sampler_settings, score_rollout
 
 RECIPES = Path(__file__).parents[1] / "launch" / "configs"
-# Held-out reward (sum of 3 rewards in [0, 1]) must rise by at least this much over the run; measured gains
-# are in the README ("The toy world").
-MIN_GAIN = 0.10
+# Held-out reward (toy_colour + toy_position, each in [0, 1]) must rise by at least this much over the recipe's
+# 80 iterations. Runs are deterministic for fixed seeds on one CPU thread; the measured gains (README, "The toy
+# world") are about twice these margins.
+MIN_GAIN = {"toy-egrpo.yaml": 0.08, "toy-grpo.yaml": 0.025}
 
 
 def _config(tmp_path, recipe, *overrides):
@@ -24,14 +25,13 @@ def _config(tmp_path, recipe, *overrides):
                                           *overrides])
 
 
-@pytest.mark.parametrize("recipe,iterations", [("toy-egrpo.yaml", 24), ("toy-grpo.yaml", 24)])
-def test_toy_training_improves_held_out_reward(tmp_path, recipe, iterations):
-    cfg = _config(tmp_path, recipe, f"train.iterations={iterations}", "train.eval_every=0",
-                  f"train.checkpoint_every={iterations}")
+@pytest.mark.parametrize("recipe", ["toy-egrpo.yaml", "toy-grpo.yaml"])
+def test_toy_training_improves_held_out_reward(tmp_path, recipe):
+    cfg = _config(tmp_path, recipe, "train.eval_every=0")  # evaluation does not touch the training state
     outputs = Trainer(cfg).run()
     records = [json.loads(line) for line in outputs.metrics.read_text().splitlines()]
     start, end = records[0]["eval/reward_mean"], records[-1]["eval/reward_mean"]
-    assert end > start + MIN_GAIN, f"held-out reward {start:.3f} -> {end:.3f}"
+    assert end > start + MIN_GAIN[recipe], f"held-out reward {start:.3f} -> {end:.3f}"
     # before the first optimiser step of every iteration, new and old log-probs agree exactly
     assert all(r["train/first_ratio_max_dev"] == 0.0 for r in records[1:])
     assert outputs.reward_curve.stat().st_size > 0 and outputs.sample_grid.stat().st_size > 0
