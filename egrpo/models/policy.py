@@ -27,8 +27,10 @@ import torch
 import torch.nn.functional as F
 from diffusers import FluxPipeline, StableDiffusion3Pipeline
 from diffusers.training_utils import cast_training_params
+from diffusers.utils import logging as diffusers_logging
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from transformers.utils import logging as transformers_logging
 
 from egrpo.models.tiny import EGRPO_SETTINGS_FILE
 
@@ -144,6 +146,8 @@ class FlowPolicy:
             )
         family, pipeline_class = _PIPELINES[index["_class_name"]]
         null_components = {name: None for name, spec in index.items() if spec == [None, None]}
+        diffusers_logging.disable_progress_bar()  # egrpo shows its own progress; N actors x 6 bars is noise
+        transformers_logging.disable_progress_bar()
         pipe = pipeline_class.from_pretrained(path, dtype=dtype, local_files_only=True, **null_components)
         pipe.to(device)
 

@@ -37,7 +37,8 @@ log = logging.getLogger("egrpo.runtime")
 
 # What every actor's process needs: offline model loading, quiet telemetry, and CPU DeepSpeed when no GPU.
 ACTOR_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0",
-             "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled"}
+             "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled", "TRANSFORMERS_VERBOSITY": "error",
+             "DIFFUSERS_VERBOSITY": "error"}
 
 
 class ClusterError(RuntimeError):
