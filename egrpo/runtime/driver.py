@@ -78,6 +78,9 @@ def connect(cfg: Config) -> None:
     if address:
         log.info("joining the Ray cluster at %s", address)
         probe_address(address)
+        # Inside `ray job submit`, the job's runtime env (launch/runtime_env.yaml) and ours name the same
+        # variables; Ray refuses that unless told to combine them.
+        os.environ.setdefault("RAY_OVERRIDE_JOB_RUNTIME_ENV", "1")
         try:
             ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True)
         except Exception as e:  # Ray raises ConnectionError, RuntimeError or its own types here
