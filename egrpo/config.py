@@ -140,6 +140,7 @@ class RuntimeConfig:
     dashboard: bool = _f(True, "start the Ray dashboard with a local Ray")
     dashboard_host: str = _f("127.0.0.1", "address the local Ray dashboard binds to")
     sync_check: bool = _f(False, "after each weight sync, compare checksums of the received weights")
+    overlap: bool = _f(False, "one-step-off: roll out iteration k+1 with the previous weights while learners train on k")
     timeout_s: float = _f(900.0, "longest wait for one actor call before the run stops with an error")
 
 

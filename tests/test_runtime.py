@@ -128,3 +128,12 @@ def test_weight_sync_reaches_every_rollout_worker_intact(tmp_path, local_ray, fi
         trainer.close()
     assert metrics["sync/max_checksum_error"] == 0.0  # every worker holds exactly rank 0's new weights
     assert metrics["weights_version"] == 1 and metrics["staleness/max"] == 0
+
+
+def test_one_step_off_overlap_trains_on_rollouts_one_version_old(tmp_path, local_ray):
+    cfg = _config(tmp_path, "train.iterations=3", "runtime.overlap=true")
+    RayTrainer(cfg).run()
+    records = _records(cfg)[1:]
+    assert [r["staleness/max"] for r in records] == [0, 1, 1]  # iterations 1 and 2 were rolled out early
+    assert all(r["samples/received"] == r["samples/requested"] for r in records)
+    assert all(r["train/first_ratio_max_dev"] == 0.0 for r in records)

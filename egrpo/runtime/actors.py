@@ -86,9 +86,6 @@ class RewardServer:
 
         return score_all(self.models, samples["images"], samples["prompt"])
 
-    def pid(self) -> int:
-        return os.getpid()
-
 
 @ray.remote(num_cpus=0)
 class BudgetScheduler:

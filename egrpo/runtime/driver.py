@@ -176,6 +176,7 @@ class RayTrainer(TrainingLoop):
                                    roles["learner"][1])
         self._setup_learners()
         self.version = 0
+        self.prefetched: tuple[list, list] | None = None
         if resume is not None:
             self._resume(Path(self.run_dir if resume == "auto" else resume))
         self._publish_weights()
@@ -215,14 +216,18 @@ class RayTrainer(TrainingLoop):
 
     # ------------------------------------------------------------------------------------------------ stages
 
-    def _rollouts(self, plans, chaos: bool = False) -> tuple[RolloutResult, list[RolloutShard]]:
+    def _submit_rollouts(self, plans, chaos: bool = False) -> list:
+        """Start the shards of a plan on the rollout workers with the current weights; returns the references."""
         shards = split_by_prompt(plans, len(self.rollout))
         refs = [worker.rollout.remote([plans[k] for k in ids], ids, [self.weights], self.version)
                 for worker, ids in zip(self.rollout.actors, shards, strict=True) if ids]
         if chaos:
             log.warning("chaos: killing rollout-0 mid-iteration")
             ray.kill(self.rollout.actors[0], no_restart=False)
-        results = self._get(refs, "rollout")
+        return refs
+
+    def _rollouts(self, plans, refs: list | None = None) -> tuple[RolloutResult, list[RolloutShard]]:
+        results = self._get(refs if refs is not None else self._submit_rollouts(plans), "rollout")
         return merge_shards(results, len(plans)), results
 
     def _score(self, samples: Batch, chaos: bool = False) -> dict[str, torch.Tensor]:
@@ -243,9 +248,14 @@ class RayTrainer(TrainingLoop):
         cfg = self.cfg
         chaos = cfg.chaos.kill if cfg.chaos.at_iteration == iteration else ""
         t0 = time.perf_counter()
-        plans = self._get(self.scheduler.plan.remote(iteration))
+        if self.prefetched is not None:  # started during the previous iteration's learner step
+            plans, refs = self.prefetched
+            self.prefetched = None
+        else:
+            plans = self._get(self.scheduler.plan.remote(iteration))
+            refs = self._submit_rollouts(plans, chaos == "rollout")
         t1 = time.perf_counter()
-        result, shards = self._rollouts(plans, chaos == "rollout")
+        result, shards = self._rollouts(plans, refs)
         for shard in shards:
             self.scheduler.receive.remote(shard.sample_ids)
         t2 = time.perf_counter()
@@ -258,6 +268,7 @@ class RayTrainer(TrainingLoop):
                                            min_size=len(self.learners))
             per_rank = [ray.put(part) for part in slice_for_ranks(minibatches, len(self.learners))]
             refs = [a.train.remote(part) for a, part in zip(self.learners.actors, per_rank, strict=True)]
+            self._prefetch(iteration + 1)
             if chaos == "learner":
                 log.warning("chaos: killing learner-0 mid-iteration")
                 ray.kill(self.learners.actors[0], no_restart=True)
@@ -285,6 +296,15 @@ class RayTrainer(TrainingLoop):
         })
         self.scheduler.publish.remote(metrics)
         return metrics
+
+    def _prefetch(self, iteration: int) -> None:
+        """One-step-off overlap (`runtime.overlap`): plan iteration k+1 and start its rollouts now, with the
+        weights of iteration k-1, so rollouts run while the learners train. Staleness becomes 1."""
+        if not self.cfg.runtime.overlap or iteration >= self.cfg.train.iterations:
+            return
+        plans = self._get(self.scheduler.plan.remote(iteration))
+        chaos = self.cfg.chaos.kill == "rollout" and self.cfg.chaos.at_iteration == iteration
+        self.prefetched = (plans, self._submit_rollouts(plans, chaos))
 
     def sync_check(self) -> float:
         """Push the current weights to every rollout worker now and compare their checksums with rank 0's."""
