@@ -47,3 +47,31 @@ def test_actors_spread_over_nodes_and_learners_stay_in_sync(tmp_path, three_node
             assert torch.equal(states[0][key], states[1][key])  # gradients were all-reduced across nodes
     finally:
         trainer.close()
+
+
+def test_losing_the_node_of_the_rollout_workers_is_survived(tmp_path):
+    # The head has no CPUs (only the driver and the scheduler). PACK fills one 2-CPU node with the rollout group
+    # (2 x 1 CPU), so the learner and reward server sit on the other two. Losing the rollout node mid-run moves
+    # the rollout workers to the room left there.
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    workers = [cluster.add_node(num_cpus=2) for _ in range(3)]
+    ray.init(address=cluster.address, runtime_env={"env_vars": ENV})
+    cluster.wait_for_nodes()
+    cfg = load_config(RECIPE, [f"run.dir={tmp_path}", "run.wandb=disabled", "runtime.dashboard=false",
+                               "plan.prompts_per_iteration=2", "plan.group_size=3", "train.iterations=2",
+                               "train.eval_every=0", "train.eval_prompts=4", "train.eval_seeds=1",
+                               "runtime.timeout_s=300"])
+    trainer = RayTrainer(cfg)
+    try:
+        rollout_nodes = set(ray.get([w.node_id.remote() for w in trainer.rollout.actors]))
+        victim = next(w for w in workers if w.node_id in rollout_nodes)
+        assert rollout_nodes == {victim.node_id}
+        trainer.iteration(0)
+        cluster.remove_node(victim)
+        metrics = trainer.iteration(1)
+        assert metrics["samples/received"] == metrics["samples/requested"]
+        assert victim.node_id not in set(ray.get([w.node_id.remote() for w in trainer.rollout.actors]))
+    finally:
+        trainer.close()
+        ray.shutdown()
+        cluster.shutdown()

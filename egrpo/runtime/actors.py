@@ -72,6 +72,9 @@ class RolloutWorker:
     def pid(self) -> int:
         return os.getpid()
 
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
 
 @ray.remote(max_restarts=-1, max_task_retries=-1)
 class RewardServer:

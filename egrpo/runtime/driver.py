@@ -21,7 +21,7 @@ from typing import Any
 import ray
 import torch
 from ray.util.placement_group import placement_group, remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
 from egrpo.batch import Batch
 from egrpo.checkpoint import resolve_checkpoint
@@ -167,7 +167,9 @@ class RayTrainer(TrainingLoop):
         start = time.perf_counter()
         log.info("placing %d rollout workers, %d reward servers and %d learners (%s)",
                  r.rollout_workers, r.reward_servers, r.learners, r.placement)
-        self.scheduler = BudgetScheduler.options(name="scheduler").remote(cfg)
+        # The scheduler holds the run's state and lives or dies with the driver: keep it on the driver's node.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        self.scheduler = BudgetScheduler.options(name="scheduler", scheduling_strategy=here).remote(cfg)
         self.rollout = ActorGroup("rollout", RolloutWorker, *roles["rollout"], r.placement, timeout, cfg,
                                   roles["rollout"][1])
         self.reward = ActorGroup("reward", RewardServer, *roles["reward"], r.placement, timeout,
