@@ -18,12 +18,21 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
                    help="override one config field, e.g. --set train.iterations=5 (repeatable)")
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.overrides)
+def check_prompt_files(cfg) -> None:
+    """A missing, empty or malformed prompts file is a config error (naming the key and the path), found
+    before any model loads or actor starts."""
     from egrpo.data.prompts import load_prompts
 
-    load_prompts(cfg.data.prompts)  # a missing or empty prompts file stops here, before any model loads
-    load_prompts(cfg.data.eval_prompts)
+    for key, spec in (("data.prompts", cfg.data.prompts), ("data.eval_prompts", cfg.data.eval_prompts)):
+        try:
+            load_prompts(spec)
+        except (FileNotFoundError, ValueError) as e:
+            raise ConfigError(f"{key}: {e}") from None
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    check_prompt_files(cfg)
     if cfg.runtime.backend == "local":
         from egrpo.trainer import Trainer
     else:
@@ -154,17 +163,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"egrpo: {e}", file=sys.stderr)
         return 3
-    except (FileNotFoundError, ValueError) as e:
-        if args.command in ("train", "plan", "sample") and _is_input_error(e):
-            print(f"egrpo: {e}", file=sys.stderr)
-            return 2
-        raise
-
-
-def _is_input_error(e: Exception) -> bool:
-    """Errors raised while reading the user's files (prompts, model folder, checkpoint) rather than bugs."""
-    text = str(e)
-    return isinstance(e, FileNotFoundError) or "prompts" in text or "checkpoint" in text
+    except FileNotFoundError as e:  # a path the user gave: model folder, checkpoint, --resume
+        print(f"egrpo: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ import torch
 from egrpo.algo.loss import grpo_loss, step_mean_and_std
 from egrpo.batch import Batch
 from egrpo.config import TrainConfig
-from egrpo.sampling.rollout import VelocityModel
 from egrpo.sampling.steps import gaussian_logprob
 
 
@@ -62,7 +61,6 @@ class GRPOLearner:
         """`epochs` passes of clipped updates over the minibatches of trained steps (with an `advantage` column).
 
         One optimiser step per minibatch; under data parallelism each rank gets its slice of every minibatch."""
-        policy: VelocityModel = self.policy
         logp_old = self.old_logprobs(minibatches)
         rollout_mismatch = max(
             (lo.cpu() - mb["logp_old"]).abs().max().item() for lo, mb in zip(logp_old, minibatches, strict=True)
@@ -72,11 +70,11 @@ class GRPOLearner:
         updates = 0
         for _epoch in range(self.train.epochs):
             for mb, lo in zip(minibatches, logp_old, strict=True):
-                mean, std = step_mean_and_std(policy, mb)
+                mean, std = step_mean_and_std(self.policy, mb)
                 mean_ref = None
                 if self.train.kl_beta > 0:
                     with torch.no_grad(), self.policy.reference():
-                        mean_ref, _ = step_mean_and_std(policy, mb)
+                        mean_ref, _ = step_mean_and_std(self.policy, mb)
                 loss, stats = grpo_loss(mean, std, mb, lo, self.train.clip_range, self.reduction,
                                         mean_ref, self.train.kl_beta)
                 if updates == 0:

@@ -116,8 +116,6 @@ def run_plan(policy: VelocityModel, plans: list[SamplePlan], settings: SamplerSe
         std = g * (sigma - sigma_next).abs().sqrt()
         mean = sde_mean(x_in, v, sigma, sigma_next, g)  # g = 0 (ODE rows) gives the Euler step exactly
         x_out = mean + std.reshape(-1, *([1] * (x_in.ndim - 1))) * xi.to(x_in)
-        ode_rows = torch.tensor([not s.sde for s in steps])
-        x_out[ode_rows] = ode_step(x_in[ode_rows], v[ode_rows], sigma, sigma_next[ode_rows])
         x0_last[rows] = x0_from_velocity(x_in, v, sigma)
 
         trained = [j for j, s in enumerate(steps) if s.train]
