@@ -66,7 +66,7 @@ def build_flux_pipeline(
     latent_channels = 16 if vae else 3 * pixel_unshuffle**2
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        clip_tokenizer = _clip_tokenizer()
+        text_tokenizer = clip_tokenizer()
         t5_tokenizer = _t5_tokenizer(words or [])
         transformer = FluxTransformer2DModel(
             patch_size=1,
@@ -83,8 +83,8 @@ def build_flux_pipeline(
         pipe = FluxPipeline(
             scheduler=_scheduler(),
             vae=_vae() if vae else None,
-            text_encoder=CLIPTextModel(_clip_config(clip_tokenizer, hidden_size=text_dim)),
-            tokenizer=clip_tokenizer,
+            text_encoder=CLIPTextModel(clip_config(text_tokenizer, hidden_size=text_dim)),
+            tokenizer=text_tokenizer,
             text_encoder_2=T5EncoderModel(_t5_config(t5_tokenizer, d_model=text_dim)),
             tokenizer_2=t5_tokenizer,
             transformer=transformer,
@@ -100,7 +100,7 @@ def build_sd3_pipeline(seed: int = 0) -> StableDiffusion3Pipeline:
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        tokenizer, tokenizer_2, t5_tokenizer = _clip_tokenizer(), _clip_tokenizer(), _t5_tokenizer([])
+        tokenizer, tokenizer_2, t5_tokenizer = clip_tokenizer(), clip_tokenizer(), _t5_tokenizer([])
         transformer = SD3Transformer2DModel(
             sample_size=32,
             patch_size=2,
@@ -118,9 +118,9 @@ def build_sd3_pipeline(seed: int = 0) -> StableDiffusion3Pipeline:
             transformer=transformer,
             scheduler=_scheduler(),
             vae=_vae(),
-            text_encoder=CLIPTextModelWithProjection(_clip_config(tokenizer, hidden_size=16)),
+            text_encoder=CLIPTextModelWithProjection(clip_config(tokenizer, hidden_size=16)),
             tokenizer=tokenizer,
-            text_encoder_2=CLIPTextModelWithProjection(_clip_config(tokenizer_2, hidden_size=16)),
+            text_encoder_2=CLIPTextModelWithProjection(clip_config(tokenizer_2, hidden_size=16)),
             tokenizer_2=tokenizer_2,
             text_encoder_3=T5EncoderModel(_t5_config(t5_tokenizer, d_model=32)),
             tokenizer_3=t5_tokenizer,
@@ -191,16 +191,16 @@ def _vae() -> AutoencoderKL:
     )
 
 
-def _clip_tokenizer() -> CLIPTokenizer:
+def clip_tokenizer() -> CLIPTokenizer:
     """Character-level CLIP tokenizer: every byte-level character, alone and as a word end; no merges."""
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for char in ByteLevel.alphabet():
+    for char in sorted(ByteLevel.alphabet()):  # a set: sorted, so every call builds the same vocabulary
         for piece in (char, char + "</w>"):
             vocab.setdefault(piece, len(vocab))
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
 
 
-def _clip_config(tokenizer: CLIPTokenizer, *, hidden_size: int) -> CLIPTextConfig:
+def clip_config(tokenizer: CLIPTokenizer, *, hidden_size: int) -> CLIPTextConfig:
     # Without explicit special ids CLIP assumes OpenAI's (49406, 49407) and pools on the wrong token.
     return CLIPTextConfig(
         hidden_size=hidden_size,

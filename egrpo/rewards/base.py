@@ -1,19 +1,35 @@
 """The one reward interface, and a registry from reward names to the models that produce them.
 
 A *reward model* scores a batch of images against their prompts and returns one or more named rewards
-("toy_colour", later "pickscore", ...). The config names rewards, not models; `build_reward_models` loads each
+("toy_colour", "pickscore", ...). The config names rewards, not models; `build_reward_models` loads each
 model those rewards need exactly once, and `score_all` merges their outputs into one dict.
 
 Each registered model declares the reward names it produces, so a name can be resolved to its model without
-loading any weights.
+loading any weights. A model that needs weights reads them from a local path, given per *model* name in the
+config's `rewards.paths` (e.g. `rewards.paths.pickscore: /models/PickScore_v1`); each model's module documents
+the layout it expects at that path. Nothing is downloaded.
+
+Registered models (model: rewards, scale; higher is better for all):
+
+    toy          toy_colour, toy_shape, toy_position: [0, 1]         egrpo.toyworld.rewards
+    clip         clip_score: cosine, ~0.15-0.35 for CLIP ViT-L/14    egrpo.rewards.clip
+    pickscore    pickscore: 100 x cosine, ~18-23                     egrpo.rewards.clip
+    aesthetic    aesthetic: LAION aesthetic rating, 1-10, mostly 4-7 egrpo.rewards.aesthetic
+    hpsv2        hpsv2: cosine, ~0.25-0.35 (FLUX.1-dev ~0.31)        egrpo.rewards.hps
+    imagereward  imagereward: standardised, mostly -2..2             egrpo.rewards.imagereward
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+import importlib
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Protocol
 
 import torch
+
+# The config key that maps model names to local weights; errors name it so the user knows what to set.
+PATHS_KEY = "rewards.paths"
 
 
 class RewardModel(Protocol):
@@ -26,13 +42,21 @@ class RewardModel(Protocol):
         ...
 
 
+# factory(path, device): builds the model, loading its weights from `path` (None when the config gives none)
+# onto `device`.
+RewardFactory = Callable[[str | None, str], RewardModel]
+
 # model name -> factory; a factory builds the model (loading weights, if any) when called.
-REWARD_MODELS: dict[str, Callable[[], RewardModel]] = {}
+REWARD_MODELS: dict[str, RewardFactory] = {}
 # model name -> the reward names its score() returns, known without building the model.
 REWARD_NAMES: dict[str, tuple[str, ...]] = {}
+# models that load local weights, so need `rewards.paths.<model>` (checked before anything starts)
+NEEDS_WEIGHTS: set[str] = set()
 
 
-def register_reward_model(model: str, factory: Callable[[], RewardModel], names: Sequence[str]) -> None:
+def register_reward_model(
+    model: str, factory: RewardFactory, names: Sequence[str], needs_weights: bool = True
+) -> None:
     """Add a model to the registry; each reward name must belong to exactly one model."""
     if model in REWARD_MODELS:
         raise ValueError(f"reward model {model!r} is already registered")
@@ -42,16 +66,46 @@ def register_reward_model(model: str, factory: Callable[[], RewardModel], names:
         raise ValueError(f"reward model {model!r} would redefine rewards {', '.join(clashes)}")
     REWARD_MODELS[model] = factory
     REWARD_NAMES[model] = tuple(names)
+    if needs_weights:
+        NEEDS_WEIGHTS.add(model)
 
 
-def _toy() -> RewardModel:
-    # Imported here so that importing the registry does not import the toy world.
+def weights_path(model: str, path: str | None) -> Path:
+    """The local path of `model`'s weights, checked to be given and to exist."""
+    if not path:
+        raise ValueError(
+            f"reward model {model!r} needs local weights: set {PATHS_KEY}.{model} "
+            f"(the expected layout is documented in egrpo/rewards/)"
+        )
+    resolved = Path(path).expanduser()
+    if not resolved.exists():
+        raise FileNotFoundError(f"{PATHS_KEY}.{model}: {resolved} does not exist")
+    return resolved
+
+
+def _lazy(target: str) -> RewardFactory:
+    """A factory that imports `module:function` only when called, so importing the registry stays cheap."""
+    module, _, function = target.partition(":")
+
+    def factory(path: str | None, device: str) -> RewardModel:
+        return getattr(importlib.import_module(module), function)(path, device)
+
+    return factory
+
+
+def _toy(path: str | None, device: str) -> RewardModel:
+    """The toy world's programmatic rewards: no weights, CPU only, so both arguments are ignored."""
     from egrpo.toyworld.rewards import ToyReward
 
     return ToyReward()
 
 
-register_reward_model("toy", _toy, ("toy_colour", "toy_shape", "toy_position"))
+register_reward_model("toy", _toy, ("toy_colour", "toy_shape", "toy_position"), needs_weights=False)
+register_reward_model("clip", _lazy("egrpo.rewards.clip:load_clip_score"), ("clip_score",))
+register_reward_model("pickscore", _lazy("egrpo.rewards.clip:load_pickscore"), ("pickscore",))
+register_reward_model("aesthetic", _lazy("egrpo.rewards.aesthetic:load_aesthetic"), ("aesthetic",))
+register_reward_model("hpsv2", _lazy("egrpo.rewards.hps:load_hpsv2"), ("hpsv2",))
+register_reward_model("imagereward", _lazy("egrpo.rewards.imagereward:load_imagereward"), ("imagereward",))
 
 
 def reward_model_for(name: str) -> str:
@@ -63,10 +117,21 @@ def reward_model_for(name: str) -> str:
     raise ValueError(f"unknown reward {name!r}; known rewards: {known}")
 
 
-def build_reward_models(reward_names: Iterable[str]) -> list[RewardModel]:
-    """Build each model that the named rewards need, once, in the order the rewards first name them."""
+def build_reward_models(
+    reward_names: Iterable[str], paths: Mapping[str, str] | None = None, device: str = "cpu"
+) -> list[RewardModel]:
+    """Build each model that the named rewards need, once, in the order the rewards first name them.
+
+    `paths` maps model names (not reward names) to local weights; entries for models no reward needs are
+    ignored, but a name that is no registered model is an error (a likely typo, e.g. a reward name)."""
+    paths = dict(paths or {})
+    unknown = sorted(set(paths) - set(REWARD_MODELS))
+    if unknown:
+        raise ValueError(
+            f"{PATHS_KEY} names unknown reward models {unknown}; known models: {sorted(REWARD_MODELS)}"
+        )
     models = dict.fromkeys(reward_model_for(name) for name in reward_names)
-    return [REWARD_MODELS[model]() for model in models]
+    return [REWARD_MODELS[model](paths.get(model), device) for model in models]
 
 
 def score_all(

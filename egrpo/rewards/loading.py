@@ -1,0 +1,119 @@
+"""Loading reward weights from local files and folders, with errors that name the file and what is wrong.
+
+transformers' own errors for a bad local folder are often about the model hub (it falls back to a download
+that is disabled offline) and it only warns about missing weights, leaving them random. These helpers check
+first and fail with the path instead.
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TypeVar
+
+import torch
+from safetensors.torch import load_file
+from transformers import AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+ModelT = TypeVar("ModelT", bound=PreTrainedModel)
+ConfigT = TypeVar("ConfigT", bound=PretrainedConfig)
+
+# Suffixes of single-file checkpoints: safetensors, or pickles read with torch.load(weights_only=True).
+CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+
+
+def require_file(path: Path, what: str) -> Path:
+    """`path`, which must exist; `what` says what it is for the error."""
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist ({what})")
+    return path
+
+
+def load_checkpoint_file(file: Path) -> dict:
+    """A checkpoint file's contents on the CPU: a safetensors file, or a pickle read with weights_only=True
+    (which refuses arbitrary code, so a file from the internet cannot run anything when loaded)."""
+    require_file(file, "checkpoint")
+    if file.suffix == ".safetensors":
+        return load_file(file)
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as e:  # truncated, or objects it refuses to load
+        raise ValueError(f"{file} is not a readable torch checkpoint: {e}") from e
+
+
+def single_checkpoint(folder: Path) -> Path:
+    """The one checkpoint file directly in `folder` (see CHECKPOINT_SUFFIXES)."""
+    found = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in CHECKPOINT_SUFFIXES)
+    if len(found) != 1:
+        names = [p.name for p in found] or "none"
+        raise FileNotFoundError(
+            f"{folder} must hold exactly one checkpoint file ({', '.join(CHECKPOINT_SUFFIXES)}), "
+            f"found {names}"
+        )
+    return found[0]
+
+
+def load_state(module: torch.nn.Module, state: Mapping[str, torch.Tensor], file: Path) -> None:
+    """Load `state` into `module` strictly; on any missing, unexpected or wrongly shaped key, raise an error
+    naming `file` and the first few offending keys."""
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [
+        f"{key} {tuple(state[key].shape)} (expected {tuple(value.shape)})"
+        for key, value in expected.items()
+        if key in state and state[key].shape != value.shape
+    ]
+    problems = [
+        f"{label}: {_some(keys)}"
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
+        if keys
+    ]
+    if problems:
+        raise ValueError(f"{file} does not fit {type(module).__name__}: {'; '.join(problems)}")
+    module.load_state_dict(state)
+
+
+def load_config(cls: type[ConfigT], folder: Path) -> ConfigT:
+    """`cls.from_pretrained(folder)`, failing with the path when the folder has no config.json."""
+    require_file(folder / "config.json", "a transformers model folder needs its config.json")
+    return cls.from_pretrained(folder)
+
+
+def load_pretrained(
+    cls: type[ModelT], folder: Path, device: str, config: PretrainedConfig | None = None
+) -> ModelT:
+    """`cls.from_pretrained(folder)` in eval mode on `device`, refusing missing or wrongly shaped weights
+    (transformers would leave those randomly initialised with a warning). Weights in the folder that the model
+    does not use are allowed: a vision-only model loads from a full CLIP folder."""
+    if config is None:
+        config = load_config(cls.config_class, folder)
+    model, info = cls.from_pretrained(
+        folder, config=config, output_loading_info=True, ignore_mismatched_sizes=True
+    )
+    wrong = [f"{key} {tuple(found)} (expected {tuple(want)})" for key, found, want in info["mismatched_keys"]]
+    problems = [
+        f"{label}: {_some(sorted(keys))}"
+        for label, keys in (("missing", info["missing_keys"]), ("wrong shape", wrong))
+        if keys
+    ]
+    if problems:
+        raise ValueError(f"the weights in {folder} do not fit its config.json: {'; '.join(problems)}")
+    return model.to(device).eval()
+
+
+def load_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
+    """The tokenizer saved in `folder` (tokenizer.json, or vocab files such as vocab.json + merges.txt)."""
+    if not any((folder / name).exists() for name in ("tokenizer.json", "vocab.json", "vocab.txt")):
+        raise FileNotFoundError(
+            f"{folder} has no tokenizer (tokenizer.json, vocab.json + merges.txt, or vocab.txt): "
+            f"copy the tokenizer files of the model's base checkpoint into it"
+        )
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def _some(keys: list[str], shown: int = 4) -> str:
+    """The first `shown` keys, and how many more there are."""
+    more = f" and {len(keys) - shown} more" if len(keys) > shown else ""
+    return ", ".join(keys[:shown]) + more
