@@ -18,21 +18,30 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
                    help="override one config field, e.g. --set train.iterations=5 (repeatable)")
 
 
-def check_prompt_files(cfg) -> None:
-    """A missing, empty or malformed prompts file is a config error (naming the key and the path), found
-    before any model loads or actor starts."""
+def check_input_files(cfg) -> None:
+    """Missing, empty or malformed prompt files, a missing model folder and missing reward weights are config
+    errors (naming the key and the path), found before any model loads or actor starts."""
     from egrpo.data.prompts import load_prompts
+    from egrpo.rewards.base import NEEDS_WEIGHTS, reward_model_for, weights_path
 
     for key, spec in (("data.prompts", cfg.data.prompts), ("data.eval_prompts", cfg.data.eval_prompts)):
         try:
             load_prompts(spec)
         except (FileNotFoundError, ValueError) as e:
             raise ConfigError(f"{key}: {e}") from None
+    if cfg.model.path != "toy" and not Path(cfg.model.path).expanduser().is_dir():
+        raise ConfigError(f"model.path: {cfg.model.path} is not a folder (a local diffusers pipeline)")
+    for model in dict.fromkeys(reward_model_for(name) for name in cfg.rewards.weights):
+        if model in NEEDS_WEIGHTS:
+            try:
+                weights_path(model, cfg.rewards.paths.get(model))
+            except (FileNotFoundError, ValueError) as e:
+                raise ConfigError(str(e)) from None
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
-    check_prompt_files(cfg)
+    check_input_files(cfg)
     if cfg.runtime.backend == "local":
         from egrpo.trainer import Trainer
     else:
@@ -76,10 +85,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     from egrpo.checkpoint import load_checkpoint
     from egrpo.report import save_image_grid
-    from egrpo.rewards.base import build_reward_models, score_all
+    from egrpo.rewards.base import score_all
     from egrpo.sampling.plans import ode_plan
     from egrpo.sampling.rollout import run_plan
-    from egrpo.trainer import load_policy, sampler_settings
+    from egrpo.trainer import load_policy, load_reward_models, sampler_settings
 
     policy = load_policy(cfg)
     rows, labels = [], []
@@ -96,7 +105,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     out = Path(args.out)
     save_image_grid(rows, labels, prompts, out)
     try:
-        models = build_reward_models(cfg.rewards.weights)
+        models = load_reward_models(cfg)
         for label, images in zip(labels, rows, strict=True):
             scores = score_all(models, images, prompts)
             total = sum(w * scores[n] for n, w in cfg.rewards.weights.items())

@@ -65,7 +65,7 @@ class SamplerConfig:
 
 @dataclass(frozen=True)
 class PlanConfig:
-    method: Literal["grpo", "mix", "egrpo"] = _f("egrpo", "rollout plan: which steps explore")
+    method: Literal["grpo", "mix", "egrpo", "aegpo"] = _f("egrpo", "rollout plan: which steps explore")
     group_size: int = _f(4, "G: samples whose advantages are normalised together")
     prompts_per_iteration: int = _f(4, "prompts drawn each iteration")
 
@@ -89,6 +89,27 @@ class EgrpoConfig:
 
 
 @dataclass(frozen=True)
+class AegpoConfig:
+    budget: Literal["uniform", "median_split", "proportional"] = _f(
+        "median_split", "how dE turns into rollouts per prompt (the iteration's total stays prompts x group_size)"
+    )
+    g_high: int = _f(16, "median_split: weight of prompts with dE at or above the median")
+    g_low: int = _f(8, "median_split: weight of the other prompts")
+    alpha: float = _f(1.0, "proportional: G_i ~ dE_i ** alpha")
+    g_min: int = _f(2, "fewest rollouts per exploration step a prompt gets")
+    g_max: int = _f(32, "most rollouts per exploration step a prompt gets")
+    peaks: int = _f(4, "k: explore at the top-k local maxima of the attention entropy E(t)")
+    peak_steps: int = _f(
+        0, "peaks are sought in E(t) over the first N steps; 0 = steps / 2 (late steps teach little: E-GRPO)"
+    )
+    merge: bool = _f(False, "use E-GRPO's merge lengths (egrpo.tau) for the SDE step at each peak")
+    probe_blocks: tuple[int, ...] = _f((), "attention blocks probed, in forward order; empty = all")
+    probe_heads: tuple[int, ...] = _f((), "heads probed; empty = all")
+    probe_rows: int = _f(64, "image-query rows sampled per attention call")
+    probe_chunk: int = _f(128, "query rows per softmax chunk (bounds the probe's memory)")
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     iterations: int = _f(100, "training iterations")
     lr: float = _f(1e-4, "AdamW learning rate")
@@ -109,6 +130,9 @@ class TrainConfig:
 class RewardConfig:
     weights: dict[str, float] = _f(
         {"toy_colour": 1.0, "toy_shape": 1.0, "toy_position": 1.0}, "reward name -> weight"
+    )
+    paths: dict[str, str] = _f(
+        {}, "reward model -> local weights (folder or file; layouts in egrpo/rewards/), e.g. pickscore: /data/PickScore_v1"
     )
     combine: Literal["per_reward", "weighted_sum"] = _f(
         "per_reward", "normalise each reward in its group then sum with weights, or normalise the weighted sum"
@@ -139,6 +163,10 @@ class RuntimeConfig:
     placement: Literal["PACK", "SPREAD"] = _f("PACK", "placement-group strategy of each actor group")
     dashboard: bool = _f(True, "start the Ray dashboard with a local Ray")
     dashboard_host: str = _f("127.0.0.1", "address the local Ray dashboard binds to")
+    weight_sync: Literal["auto", "object_store", "broadcast"] = _f(
+        "auto", "how rollout workers get new weights; auto: object store for LoRA, broadcast for full weights"
+    )
+    sync_bucket_mb: float = _f(256.0, "broadcast weight sync: bucket size in MiB (one collective call per bucket)")
     sync_check: bool = _f(False, "after each weight sync, compare checksums of the received weights")
     overlap: bool = _f(False, "one-step-off: roll out iteration k+1 with the previous weights while learners train on k")
     timeout_s: float = _f(900.0, "longest wait for one actor call before the run stops with an error")
@@ -159,6 +187,7 @@ class Config:
     grpo: GrpoConfig = _f(GrpoConfig(), "")
     mix: MixConfig = _f(MixConfig(), "")
     egrpo: EgrpoConfig = _f(EgrpoConfig(), "")
+    aegpo: AegpoConfig = _f(AegpoConfig(), "")
     train: TrainConfig = _f(TrainConfig(), "")
     rewards: RewardConfig = _f(RewardConfig(), "")
     data: DataConfig = _f(DataConfig(), "")
@@ -170,8 +199,19 @@ class Config:
         return Path(self.run.dir) / self.run.name
 
     @property
+    def broadcast_weights(self) -> bool:
+        """Whether full weights go to the rollout workers by torch.distributed broadcast (runtime.weight_sync)."""
+        if self.runtime.weight_sync == "auto":
+            return self.model.finetune == "full"
+        return self.runtime.weight_sync == "broadcast"
+
+    @property
     def egrpo_active_steps(self) -> int:
         return self.egrpo.active_steps or self.sampler.steps // 2
+
+    @property
+    def aegpo_peak_steps(self) -> int:
+        return self.aegpo.peak_steps or self.sampler.steps // 2
 
 
 # ----------------------------------------------------------------------------- building from dicts
@@ -320,6 +360,17 @@ def validate(cfg: Config) -> None:
     _require(1 <= cfg.mix.window <= s.steps, "mix.window", f"must be in [1, sampler.steps={s.steps}]")
     _require(0 <= cfg.mix.start <= s.steps - cfg.mix.window, "mix.start", "window must fit inside the steps")
     _require(cfg.mix.move_every >= 1, "mix.move_every", "must be >= 1")
+    a = cfg.aegpo
+    _require(a.g_min >= 2, "aegpo.g_min", f"must be >= 2 (advantages need a group), got {a.g_min}")
+    _require(
+        a.g_min <= p.group_size <= a.g_max, "aegpo.g_max",
+        f"[aegpo.g_min, aegpo.g_max] = [{a.g_min}, {a.g_max}] must contain plan.group_size={p.group_size}",
+    )
+    _require(a.g_high >= 1 and a.g_low >= 1, "aegpo.g_high", "g_high and g_low must be >= 1")
+    _require(a.alpha > 0, "aegpo.alpha", "must be > 0")
+    _require(a.peaks >= 1, "aegpo.peaks", f"must be >= 1, got {a.peaks}")
+    _require(0 <= a.peak_steps <= s.steps, "aegpo.peak_steps", f"must be in [0, sampler.steps={s.steps}]")
+    _require(a.probe_rows >= 1 and a.probe_chunk >= 1, "aegpo.probe_rows", "probe_rows and probe_chunk must be >= 1")
     _require(t.iterations >= 1, "train.iterations", f"must be >= 1, got {t.iterations}")
     _require(t.lr > 0, "train.lr", "must be > 0")
     _require(t.clip_range > 0, "train.clip_range", "must be > 0")
@@ -334,6 +385,14 @@ def validate(cfg: Config) -> None:
     _require(cfg.model.lora_rank >= 1, "model.lora_rank", "must be >= 1")
     _require(cfg.model.height >= 0 and cfg.model.width >= 0, "model.height", "must be >= 0")
     _require(bool(cfg.rewards.weights), "rewards.weights", "name at least one reward")
+    from egrpo.rewards.base import REWARD_MODELS, REWARD_NAMES  # the registry imports no model code
+
+    known = sorted(n for names in REWARD_NAMES.values() for n in names)
+    for name in cfg.rewards.weights:
+        _require(name in known, f"rewards.weights.{name}", f"unknown reward; known rewards: {', '.join(known)}")
+    for model in cfg.rewards.paths:
+        _require(model in REWARD_MODELS, f"rewards.paths.{model}",
+                 f"unknown reward model; known models: {', '.join(sorted(REWARD_MODELS))}")
     _require(bool(cfg.run.name) and "/" not in cfg.run.name, "run.name", "must be a non-empty folder name")
     r = cfg.runtime
     for key in ("rollout_workers", "reward_servers", "learners"):
@@ -343,4 +402,5 @@ def validate(cfg: Config) -> None:
     _require(0 <= r.zero_stage <= 3, "runtime.zero_stage", "must be 0, 1, 2 or 3")
     _require(t.batch_size >= r.learners, "train.batch_size", "must be >= runtime.learners (each rank needs rows)")
     _require(r.timeout_s > 0, "runtime.timeout_s", "must be > 0")
+    _require(r.sync_bucket_mb > 0, "runtime.sync_bucket_mb", "must be > 0")
     _require(cfg.chaos.at_iteration >= 0, "chaos.at_iteration", "must be >= 0")

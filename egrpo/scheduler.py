@@ -1,7 +1,10 @@
 """The budget scheduler's logic as a plain object: prompts, iteration plans, work splitting and accounting.
 
-The Ray `BudgetScheduler` actor is a thin shell around `Scheduler`. Allocation of rollouts to prompts is
-uniform for now (every prompt gets `plan.group_size` per group); AEGPO's dE policies plug in here.
+The Ray `BudgetScheduler` actor is a thin shell around `Scheduler`. An iteration starts with `draw`, which
+picks the prompts and says which anchors to probe (AEGPO only); `plan` then turns the probe results into
+the iteration's plan. For `aegpo` that is where both entropy signals act (ALGORITHMS.md section 3): dE per
+prompt against the cached reference entropy sets each prompt's group size (egrpo.algo.budgets), and the
+peaks of E(t) set its exploration steps. Every other method gets `plan.group_size` per group.
 """
 
 from __future__ import annotations
@@ -9,9 +12,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
+from egrpo.algo.budgets import allocate_rollouts, relative_entropy_change
 from egrpo.config import Config
 from egrpo.data.prompts import PromptSampler, load_prompts
-from egrpo.sampling.plans import SamplePlan, build_plan
+from egrpo.sampling.plans import SamplePlan, build_plan, entropy_peaks, prompt_seed
+from egrpo.sampling.rollout import ProbeRequest, ProbeResult
 
 
 def plan_work(plan: SamplePlan) -> int:
@@ -63,30 +70,74 @@ class Scheduler:
         self.cfg = cfg
         self.sampler = PromptSampler(load_prompts(cfg.data.prompts), cfg.run.seed)
         self.prompt_stats: dict[str, dict[str, Any]] = {}
+        self.reference_entropy: dict[str, list[float]] = {}  # "seed/prompt" -> E_ref(t), fixed per anchor
         self.accounting = Accounting()
+        self.prompts: list[str] = []
+        self.plan_metrics: dict[str, float] = {}
 
-    def plan(self, iteration: int) -> list[SamplePlan]:
-        prompts = self.sampler.next(self.cfg.plan.prompts_per_iteration)
-        for p in prompts:
+    def draw(self, iteration: int) -> list[ProbeRequest]:
+        """Pick the iteration's prompts; return the anchors to probe (none unless the method is aegpo)."""
+        self.prompts = self.sampler.next(self.cfg.plan.prompts_per_iteration)
+        for p in self.prompts:
             self.prompt_stats.setdefault(p, {"times_drawn": 0})["times_drawn"] += 1
-        plans = build_plan(self.cfg, prompts, iteration)
+        if self.cfg.plan.method != "aegpo":
+            return []
+        seeds = [prompt_seed(self.cfg.run.seed, p) for p in self.prompts]
+        return [ProbeRequest(p, s, f"{s}/{p}" not in self.reference_entropy)
+                for p, s in zip(self.prompts, seeds, strict=True)]
+
+    def plan(self, iteration: int, probes: ProbeResult | None = None) -> list[SamplePlan]:
+        """The plan of the prompts `draw` picked; `probes` answers `draw`'s requests, in order."""
+        group_sizes = peaks = None
+        if self.cfg.plan.method == "aegpo":
+            if probes is None:
+                raise ValueError("an aegpo iteration needs the probe results of draw()'s requests")
+            group_sizes, peaks = self._entropy_guided(probes)
+        plans = build_plan(self.cfg, self.prompts, iteration, group_sizes, peaks)
         self.accounting = Accounting()
         self.accounting.request(list(range(len(plans))))
         return plans
 
+    def _entropy_guided(self, probes: ProbeResult) -> tuple[list[int], list[list[int]]]:
+        """Group size per prompt from dE (global signal), exploration steps from E(t)'s peaks (local)."""
+        a, p = self.cfg.aegpo, self.cfg.plan
+        keys = [f"{prompt_seed(self.cfg.run.seed, q)}/{q}" for q in self.prompts]
+        for key, row in zip(keys, probes.reference, strict=True):
+            if not torch.isnan(row).any():
+                self.reference_entropy[key] = row.tolist()
+        reference = torch.tensor([self.reference_entropy[key] for key in keys])
+        delta = relative_entropy_change(probes.entropy, reference)
+        sizes = allocate_rollouts(delta.tolist(), p.prompts_per_iteration * p.group_size, a.budget,
+                                  a.g_min, a.g_max, a.g_high, a.g_low, a.alpha)
+        peaks = [entropy_peaks(row[: self.cfg.aegpo_peak_steps].tolist(), a.peaks) for row in probes.entropy]
+        for prompt, d, size in zip(self.prompts, delta.tolist(), sizes, strict=True):
+            stats = self.prompt_stats[prompt]
+            stats["dE"] = [*stats.get("dE", []), d]
+            stats["budget"] = size
+        self.plan_metrics = {
+            "entropy/mean": float(probes.entropy.mean()), "entropy/dE_mean": float(delta.mean()),
+            "entropy/dE_min": float(delta.min()), "entropy/dE_max": float(delta.max()),
+            "budget/min": min(sizes), "budget/max": max(sizes), "explore/peaks": sum(map(len, peaks)) / len(peaks),
+        }
+        for step in range(self.cfg.sampler.steps):  # histogram of chosen exploration steps
+            self.plan_metrics[f"explore/step_{step}"] = sum(step in q for q in peaks)
+        return sizes, peaks
+
     def receive(self, sample_ids: list[int]) -> None:
         self.accounting.receive(sample_ids)
 
-    def check_complete(self) -> dict[str, int]:
-        """Raise if a sample was lost or counted twice; else the iteration's accounting as metrics."""
+    def check_complete(self) -> dict[str, float]:
+        """Raise if a sample was lost or counted twice; else the iteration's accounting and plan metrics."""
         a = self.accounting
         if a.missing or a.duplicates:
             raise RuntimeError(f"sample accounting failed: missing {sorted(a.missing)}, {a.duplicates} duplicates")
-        return {"samples/requested": len(a.requested), "samples/received": len(a.received)}
+        return {"samples/requested": len(a.requested), "samples/received": len(a.received), **self.plan_metrics}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"sampler": self.sampler.state_dict(), "prompt_stats": self.prompt_stats}
+        return {"sampler": self.sampler.state_dict(), "prompt_stats": self.prompt_stats,
+                "reference_entropy": self.reference_entropy}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.sampler.load_state_dict(state["sampler"])
         self.prompt_stats = state["prompt_stats"]
+        self.reference_entropy = state["reference_entropy"]

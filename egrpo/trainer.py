@@ -25,7 +25,7 @@ from egrpo.learner import GRPOLearner, make_minibatches
 from egrpo.report import MetricsLog, mean_or_nan, plot_reward_curve, save_image_grid
 from egrpo.rewards.base import build_reward_models, score_all
 from egrpo.sampling.plans import noise_spec, ode_plan
-from egrpo.sampling.rollout import RolloutResult, SamplerSettings, run_plan
+from egrpo.sampling.rollout import ProbeResult, RolloutResult, SamplerSettings, probe_entropies, run_plan
 from egrpo.sampling.steps import sigma_schedule
 from egrpo.scheduler import Scheduler
 
@@ -59,9 +59,24 @@ def load_policy(cfg: Config, device: torch.device | None = None):
     return policy
 
 
+def load_reward_models(cfg: Config) -> list:
+    """The models behind the configured rewards, from `rewards.paths`, on the run's device."""
+    return build_reward_models(cfg.rewards.weights, cfg.rewards.paths, str(pick_device(cfg.run.device)))
+
+
 def sampler_settings(cfg: Config) -> SamplerSettings:
     s = cfg.sampler
     return SamplerSettings(sigma_schedule(s.steps, s.shift), noise_spec(cfg), s.logprob_reduction, s.decode_from)
+
+
+def probe_settings(cfg: Config):
+    """The attention-entropy probe's settings from `aegpo.*`; rows are sampled with the run's seed, the same
+    at every call, so E(t) curves compare across steps, iterations and the reference."""
+    from egrpo.entropy.attention import ProbeSettings
+
+    a = cfg.aegpo
+    return ProbeSettings(blocks=a.probe_blocks, heads=a.probe_heads, rows=a.probe_rows, chunk=a.probe_chunk,
+                         seed=cfg.run.seed)
 
 
 def score_rollout(cfg: Config, result: RolloutResult, rewards: dict[str, torch.Tensor]) -> tuple[Batch, dict]:
@@ -178,7 +193,7 @@ class Trainer(TrainingLoop):
     def __init__(self, cfg: Config, resume: str | None = None) -> None:
         self._setup_run(cfg)
         self.policy = load_policy(cfg)
-        self.reward_models = build_reward_models(cfg.rewards.weights)
+        self.reward_models = load_reward_models(cfg)
         self.scheduler = Scheduler(cfg)
         self.learner = GRPOLearner(self.policy, cfg.train, cfg.sampler.logprob_reduction)
         self.settings = sampler_settings(cfg)
@@ -199,8 +214,11 @@ class Trainer(TrainingLoop):
 
     def iteration(self, iteration: int) -> dict[str, Any]:
         cfg = self.cfg
-        plans = self.scheduler.plan(iteration)
+        requests = self.scheduler.draw(iteration)
+        t_probe = time.perf_counter()
+        probes = probe_entropies(self.policy, requests, self.settings, probe_settings(cfg)) if requests else None
         t0 = time.perf_counter()
+        plans = self.scheduler.plan(iteration, probes)
         result = run_plan(self.policy, plans, self.settings)
         self.scheduler.receive(result.samples["plan"])
         t1 = time.perf_counter()
@@ -214,6 +232,8 @@ class Trainer(TrainingLoop):
         t3 = time.perf_counter()
         metrics.update({"time/rollout": t1 - t0, "time/reward": t2 - t1, "time/learn": t3 - t2,
                         "images_per_s": len(result.samples) / (t1 - t0), "nfe/rollout": result.transformer_calls})
+        if probes is not None:
+            metrics.update(probe_metrics(probes, t0 - t_probe, t1 - t0))
         return metrics
 
     def save(self, iteration: int) -> Path:
@@ -221,6 +241,11 @@ class Trainer(TrainingLoop):
         self.checkpoint = save_checkpoint(self.run_dir / "checkpoints", iteration, self.policy, state,
                                           save_torch_optimizer(self.learner.optimizer))
         return self.checkpoint
+
+
+def probe_metrics(probes: ProbeResult, probe_seconds: float, rollout_seconds: float) -> dict[str, float]:
+    return {"time/probe": probe_seconds, "nfe/probe": probes.transformer_calls,
+            "entropy/probe_time_share": probe_seconds / (probe_seconds + rollout_seconds)}
 
 
 def minibatch_seed(cfg: Config, iteration: int) -> int:

@@ -128,6 +128,23 @@ def test_weight_sync_reaches_every_rollout_worker_intact(tmp_path, local_ray, fi
         trainer.close()
     assert metrics["sync/max_checksum_error"] == 0.0  # every worker holds exactly rank 0's new weights
     assert metrics["weights_version"] == 1 and metrics["staleness/max"] == 0
+    # LoRA goes through the object store, full weights by torch.distributed broadcast (runtime.weight_sync=auto)
+    assert (trainer.weights is None) == (finetune == "full")
+
+
+def test_full_weight_broadcast_survives_a_restarted_rollout_worker(tmp_path, local_ray):
+    cfg = _config(tmp_path, "model.finetune=full", "train.lr=1e-4", "runtime.sync_check=true",
+                  "chaos.kill=rollout", "chaos.at_iteration=1")
+    trainer = RayTrainer(cfg)
+    try:
+        records = [trainer.iteration(0), trainer.iteration(1)]
+    finally:
+        trainer.close()
+    assert trainer.generation == 1  # the group was formed, then re-formed once for the restarted worker
+    for metrics in records:
+        assert metrics["sync/max_checksum_error"] == 0.0
+        assert metrics["samples/received"] == metrics["samples/requested"]
+        assert metrics["staleness/max"] == 0
 
 
 def test_one_step_off_overlap_trains_on_rollouts_one_version_old(tmp_path, local_ray):

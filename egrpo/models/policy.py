@@ -260,7 +260,7 @@ class FlowPolicy:
     ) -> torch.Tensor:
         """v_theta(x, sigma, c) ~ eps - x0, float32, shaped like x. `sigma` is a float or a (B,) tensor in
         [0, 1]. Follows the grad mode of the caller; inside `reference()` it is the reference policy's."""
-        model = self._reference_transformer if self._use_reference else self.transformer
+        model = self.active_transformer
         batch = x.shape[0]
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=self.device).expand(batch)
         hidden = x.to(device=self.device, dtype=self.dtype)
@@ -326,6 +326,12 @@ class FlowPolicy:
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.transformer.parameters() if p.requires_grad]
+
+    @property
+    def active_transformer(self) -> torch.nn.Module:
+        """The transformer `velocity` calls now: the reference copy inside `reference()` under full
+        fine-tuning, else the (possibly LoRA-wrapped) trained one. Entropy probes attach here."""
+        return self._reference_transformer if self._use_reference else self.transformer
 
     @contextmanager
     def reference(self) -> Iterator[None]:

@@ -19,8 +19,9 @@ import torch
 
 from egrpo.batch import Batch
 from egrpo.config import Config
+from egrpo.runtime.weight_sync import GroupAddress, broadcast_state, join, weights_checksum
 from egrpo.sampling.plans import SamplePlan
-from egrpo.sampling.rollout import RolloutResult, run_plan
+from egrpo.sampling.rollout import ProbeRequest, ProbeResult, RolloutResult, probe_entropies, run_plan
 from egrpo.scheduler import Scheduler
 
 
@@ -29,9 +30,10 @@ def _set_threads(cpus: float) -> None:
     torch.set_num_threads(max(1, int(cpus)))
 
 
-def weights_checksum(state: dict[str, torch.Tensor]) -> float:
-    """An order-independent float64 checksum of a state dict, to compare sender and receiver."""
-    return float(sum(v.double().sum() * (i + 1) for i, (_, v) in enumerate(sorted(state.items()))))
+class StaleWeightsError(RuntimeError):
+    """A rollout was asked for weights this worker does not hold and that do not travel with the call (full
+    weights come by broadcast): the worker restarted and missed them. The driver re-forms the broadcast
+    group, sends the weights and resubmits the shard."""
 
 
 @dataclass
@@ -46,18 +48,40 @@ class RolloutShard:
 @ray.remote(max_restarts=-1, max_task_retries=-1)
 class RolloutWorker:
     def __init__(self, cfg: Config, cpus: float) -> None:
-        from egrpo.trainer import load_policy, sampler_settings
+        from egrpo.trainer import load_policy, probe_settings, sampler_settings
 
         _set_threads(cpus)
         self.policy = load_policy(cfg)
         self.settings = sampler_settings(cfg)
+        self.probe_settings = probe_settings(cfg)
         self.version = -1  # initial weights; version 0 is the learners' first broadcast
+        self.bucket_bytes = int(cfg.runtime.sync_bucket_mb * 2**20)
+        self.group, self.generation = None, -1  # full-weight broadcast group (egrpo.runtime.weight_sync)
 
     def sync(self, weights: list, version: int) -> None:
-        """Load weights `version` (a reference in a list, fetched only when the version is new)."""
-        if version != self.version:
-            self.policy.load_trainable_state_dict(ray.get(weights[0]))
-            self.version = version
+        """Load weights `version` (a reference in a list, fetched only when the version is new). Under
+        broadcast sync the reference is None and the weights must already be here."""
+        if version == self.version:
+            return
+        if weights[0] is None:
+            raise StaleWeightsError(f"holds weights version {self.version}, asked for {version}")
+        self.policy.load_trainable_state_dict(ray.get(weights[0]))
+        self.version = version
+
+    def join_weight_group(self, address: GroupAddress, rank: int) -> None:
+        self.group = join(address, rank)
+        self.generation = address.generation
+
+    def weight_group_generation(self) -> int:
+        """-1 after a restart: the driver then re-forms the group."""
+        return self.generation
+
+    def receive_weights(self, version: int) -> None:
+        """Collective with the learner's `broadcast_weights`: receive the full weights, stamped `version`."""
+        state = self.policy.trainable_state_dict()
+        broadcast_state(self.group, state, self.bucket_bytes, self.policy.device)
+        self.policy.load_trainable_state_dict(state)
+        self.version = version
 
     def rollout(self, plans: list[SamplePlan], sample_ids: list[int], weights: list, version: int) -> RolloutShard:
         self.sync(weights, version)
@@ -65,6 +89,11 @@ class RolloutWorker:
         result = run_plan(self.policy, plans, self.settings)
         return RolloutShard(sample_ids, result, self.version, ray.get_runtime_context().get_actor_id(),
                             time.perf_counter() - start)
+
+    def probe(self, requests: list[ProbeRequest], weights: list, version: int) -> ProbeResult:
+        """AEGPO's anchor pass with attention-entropy probes (egrpo.sampling.rollout.probe_entropies)."""
+        self.sync(weights, version)
+        return probe_entropies(self.policy, requests, self.settings, self.probe_settings)
 
     def weights_checksum(self) -> float:
         return weights_checksum(self.policy.trainable_state_dict())
@@ -78,11 +107,11 @@ class RolloutWorker:
 
 @ray.remote(max_restarts=-1, max_task_retries=-1)
 class RewardServer:
-    def __init__(self, reward_names: list[str], cpus: float) -> None:
-        from egrpo.rewards.base import build_reward_models
+    def __init__(self, cfg: Config, cpus: float) -> None:
+        from egrpo.trainer import load_reward_models
 
         _set_threads(cpus)
-        self.models = build_reward_models(reward_names)
+        self.models = load_reward_models(cfg)
 
     def score(self, samples: Batch) -> dict[str, torch.Tensor]:
         from egrpo.rewards.base import score_all
@@ -102,8 +131,11 @@ class BudgetScheduler:
         self.gauges: dict[str, Any] = {}
         self._metrics = metrics
 
-    def plan(self, iteration: int) -> list[SamplePlan]:
-        return self.scheduler.plan(iteration)
+    def draw(self, iteration: int) -> list[ProbeRequest]:
+        return self.scheduler.draw(iteration)
+
+    def plan(self, iteration: int, probes: ProbeResult | None) -> list[SamplePlan]:
+        return self.scheduler.plan(iteration, probes)
 
     def receive(self, sample_ids: list[int]) -> None:
         self.scheduler.receive(sample_ids)

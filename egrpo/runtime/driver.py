@@ -4,7 +4,8 @@ One iteration (DESIGN.md): the BudgetScheduler plans; RolloutWorkers run their s
 balanced by work) with the weights version the driver hands them; RewardServers score the images; the
 driver normalises advantages per plan group (`score_rollout`, the same function as the in-process loop),
 cuts minibatches and pre-slices them per learner rank; the DeepSpeed learners step; rank 0's new weights
-go into the object store as the next version, which the rollout workers load on their next call.
+become the next version. LoRA weights go into the object store and the rollout workers load them on their
+next call; full weights are broadcast to them at once over torch.distributed (egrpo.runtime.weight_sync).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import math
 import os
 import socket
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +29,19 @@ from egrpo.batch import Batch
 from egrpo.checkpoint import resolve_checkpoint
 from egrpo.config import Config
 from egrpo.learner import make_minibatches
-from egrpo.runtime.actors import BudgetScheduler, RewardServer, RolloutShard, RolloutWorker, weights_checksum
+from egrpo.runtime.actors import BudgetScheduler, RewardServer, RolloutShard, RolloutWorker, StaleWeightsError
 from egrpo.runtime.learner import LearnerActor, LearnerSettings, slice_for_ranks
-from egrpo.sampling.rollout import RolloutResult
+from egrpo.runtime.weight_sync import GroupAddress, weights_checksum
+from egrpo.sampling.rollout import ProbeResult, RolloutResult
 from egrpo.scheduler import split_by_prompt
-from egrpo.trainer import TrainingLoop, eval_metrics, held_out_plan, minibatch_seed, score_rollout
+from egrpo.trainer import (
+    TrainingLoop,
+    eval_metrics,
+    held_out_plan,
+    minibatch_seed,
+    probe_metrics,
+    score_rollout,
+)
 
 log = logging.getLogger("egrpo.runtime")
 
@@ -160,7 +170,7 @@ class RayTrainer(TrainingLoop):
     def __init__(self, cfg: Config, resume: str | None = None) -> None:
         self._setup_run(cfg)
         connect(cfg)
-        use_gpus = check_resources(cfg)
+        use_gpus = self.use_gpus = check_resources(cfg)
         r, timeout = cfg.runtime, cfg.runtime.timeout_s
         self.timeout = timeout
         roles = role_resources(cfg, use_gpus)
@@ -172,16 +182,17 @@ class RayTrainer(TrainingLoop):
         self.scheduler = BudgetScheduler.options(name="scheduler", scheduling_strategy=here).remote(cfg)
         self.rollout = ActorGroup("rollout", RolloutWorker, *roles["rollout"], r.placement, timeout, cfg,
                                   roles["rollout"][1])
-        self.reward = ActorGroup("reward", RewardServer, *roles["reward"], r.placement, timeout,
-                                 list(cfg.rewards.weights), roles["reward"][1])
+        self.reward = ActorGroup("reward", RewardServer, *roles["reward"], r.placement, timeout, cfg,
+                                 roles["reward"][1])
         self.learners = ActorGroup("learner", LearnerActor, *roles["learner"], r.placement, timeout, cfg,
                                    roles["learner"][1])
         self._setup_learners()
         self.version = 0
-        self.prefetched: tuple[list, list] | None = None
+        self.weights, self.weight_store, self.generation, self.sent_checksum = None, None, -1, 0.0
+        self.prefetched: tuple | None = None
         if resume is not None:
             self._resume(Path(self.run_dir if resume == "auto" else resume))
-        self._publish_weights()
+        self._send_weights()
         self._get(self.rollout.actors[0].pid.remote())  # the slowest actors to start; log when they are up
         log.info("actors ready in %.1f s", time.perf_counter() - start)
         self._open_log(resumed=resume is not None)
@@ -195,11 +206,38 @@ class RayTrainer(TrainingLoop):
                                     timeout_s=r.timeout_s, **address) for rank in range(r.learners)]
         self._get([a.setup.remote(s) for a, s in zip(self.learners.actors, settings, strict=True)], "learner setup")
 
-    def _publish_weights(self) -> None:
-        """Rank 0's trainable weights, as the next version in the object store. Under ZeRO 3 gathering them
-        is a collective, so every rank is asked and rank 0's answer kept."""
-        actors = self.learners.actors if self.cfg.runtime.zero_stage == 3 else self.learners.actors[:1]
-        self.weights = [a.trainable_state_dict.remote() for a in actors][0]
+    def _send_weights(self) -> None:
+        """Rank 0's trainable weights as version `self.version`: LoRA into the object store (the rollout
+        workers fetch it with their next call), full weights broadcast to every rollout worker now. Under
+        ZeRO 3 gathering the weights is a collective, so every rank is asked and rank 0's answer kept."""
+        gather = [a.trainable_state_dict.remote() for a in self.learners.actors[1:]] \
+            if self.cfg.runtime.zero_stage == 3 else []
+        if not self.cfg.broadcast_weights:
+            self.weights = self.learners.actors[0].trainable_state_dict.remote()
+            ray.wait([self.weights, *gather], num_returns=1 + len(gather), timeout=self.timeout)
+            return
+        generations = self._get([w.weight_group_generation.remote() for w in self.rollout.actors])
+        if self.generation < 0 or any(g != self.generation for g in generations):
+            self._form_weight_group()
+        receive = [w.receive_weights.remote(self.version) for w in self.rollout.actors]
+        sent = self.learners.actors[0].broadcast_weights.remote()
+        self.sent_checksum = self._get([sent, *gather, *receive], "weight broadcast")[0]
+
+    def _form_weight_group(self) -> None:
+        """(Re-)form the broadcast group: learner rank 0 and every rollout worker join a new generation. Run
+        at start and whenever a rollout worker restarted (it lost its member of the old group)."""
+        learner = self.learners.actors[0]
+        if self.weight_store is None:
+            self.weight_store = self._get(learner.host_weight_store.remote())
+        self.generation += 1
+        host, port = self.weight_store
+        address = GroupAddress(host, port, 1 + len(self.rollout), self.generation,
+                               "nccl" if self.use_gpus else "gloo", self.timeout)
+        log.info("forming the weight broadcast group (generation %d, %d members)", self.generation,
+                 address.world_size)
+        self._get([learner.join_weight_group.remote(address)]
+                  + [w.join_weight_group.remote(address, rank + 1) for rank, w in enumerate(self.rollout.actors)],
+                  "weight group")
 
     def _get(self, refs, what: str = "actor call"):
         try:
@@ -218,18 +256,63 @@ class RayTrainer(TrainingLoop):
 
     # ------------------------------------------------------------------------------------------------ stages
 
-    def _submit_rollouts(self, plans, chaos: bool = False) -> list:
-        """Start the shards of a plan on the rollout workers with the current weights; returns the references."""
-        shards = split_by_prompt(plans, len(self.rollout))
-        refs = [worker.rollout.remote([plans[k] for k in ids], ids, [self.weights], self.version)
-                for worker, ids in zip(self.rollout.actors, shards, strict=True) if ids]
+    def _plan(self, iteration: int) -> tuple[list, ProbeResult | None, dict[str, float]]:
+        """Draw the iteration's prompts, run AEGPO's entropy probes on the rollout workers when the method asks
+        for them, and have the scheduler turn the results into the plan. Returns (plans, probes, phase times)."""
+        start = time.perf_counter()
+        requests = self._get(self.scheduler.draw.remote(iteration))
+        probes, probe_start = None, time.perf_counter()
+        if requests:
+            workers = len(self.rollout)
+            bounds = [round(k * len(requests) / workers) for k in range(workers + 1)]
+            calls = [(w, partial(self._probe_call, requests[a:b]))
+                     for w, (a, b) in enumerate(zip(bounds, bounds[1:], strict=False)) if b > a]
+            results = self._gather(self._submit(calls), "entropy probe")  # contiguous parts: order is kept
+            probes = ProbeResult(torch.cat([r.entropy for r in results]), torch.cat([r.reference for r in results]),
+                                 sum(r.transformer_calls for r in results))
+        probe_end = time.perf_counter()
+        plans = self._get(self.scheduler.plan.remote(iteration, probes))
+        times = {"time/probe": probe_end - probe_start,
+                 "time/schedule": probe_start - start + time.perf_counter() - probe_end}
+        return plans, probes, times
+
+    # Rollout-worker calls read the weights and their version when they are made, so a call resubmitted
+    # after a weight broadcast carries the version the worker now holds.
+    def _probe_call(self, requests, worker):
+        return worker.probe.remote(requests, [self.weights], self.version)
+
+    def _rollout_call(self, plans, ids, worker):
+        return worker.rollout.remote([plans[k] for k in ids], ids, [self.weights], self.version)
+
+    def _submit(self, calls: list[tuple[int, Any]], chaos: bool = False) -> list[tuple[int, Any, Any]]:
+        """Start `call(worker)` for each (rollout worker index, call); returns (index, call, reference)."""
+        pending = [(w, call, call(self.rollout.actors[w])) for w, call in calls]
         if chaos:
             log.warning("chaos: killing rollout-0 mid-iteration")
             ray.kill(self.rollout.actors[0], no_restart=False)
-        return refs
+        return pending
 
-    def _rollouts(self, plans, refs: list | None = None) -> tuple[RolloutResult, list[RolloutShard]]:
-        results = self._get(refs if refs is not None else self._submit_rollouts(plans), "rollout")
+    def _gather(self, pending: list[tuple[int, Any, Any]], what: str) -> list:
+        """The results in order. A worker that restarted and missed a full-weight broadcast answers with
+        StaleWeightsError: the group is re-formed, the weights sent, and that call made again."""
+        results = []
+        for w, call, ref in pending:
+            try:
+                results.append(self._get(ref, what))
+            except StaleWeightsError:
+                log.warning("rollout-%d restarted and missed the weight broadcast; sending the weights again", w)
+                self._send_weights()
+                results.append(self._get(call(self.rollout.actors[w]), what))
+        return results
+
+    def _submit_rollouts(self, plans, chaos: bool = False) -> list[tuple[int, Any, Any]]:
+        """Start the shards of a plan on the rollout workers (split by prompt, balanced by work)."""
+        shards = split_by_prompt(plans, len(self.rollout))
+        return self._submit([(w, partial(self._rollout_call, plans, ids)) for w, ids in enumerate(shards) if ids],
+                            chaos)
+
+    def _rollouts(self, plans, pending: list | None = None) -> tuple[RolloutResult, list[RolloutShard]]:
+        results = self._gather(pending if pending is not None else self._submit_rollouts(plans), "rollout")
         return merge_shards(results, len(plans)), results
 
     def _score(self, samples: Batch, chaos: bool = False) -> dict[str, torch.Tensor]:
@@ -249,12 +332,11 @@ class RayTrainer(TrainingLoop):
     def iteration(self, iteration: int) -> dict[str, Any]:
         cfg = self.cfg
         chaos = cfg.chaos.kill if cfg.chaos.at_iteration == iteration else ""
-        t0 = time.perf_counter()
         if self.prefetched is not None:  # started during the previous iteration's learner step
-            plans, refs = self.prefetched
+            plans, probes, plan_times, refs = self.prefetched
             self.prefetched = None
         else:
-            plans = self._get(self.scheduler.plan.remote(iteration))
+            plans, probes, plan_times = self._plan(iteration)
             refs = self._submit_rollouts(plans, chaos == "rollout")
         t1 = time.perf_counter()
         result, shards = self._rollouts(plans, refs)
@@ -283,19 +365,21 @@ class RayTrainer(TrainingLoop):
                     f"replaced mid-run. Resume from the last checkpoint ({self.checkpoint or 'none yet'}) with "
                     f"`egrpo train CONFIG --resume auto`") from None
         t4 = time.perf_counter()
-        self._publish_weights()
         self.version += 1
-        ray.wait([self.weights], timeout=self.timeout)
+        self._send_weights()
         t5 = time.perf_counter()
         if cfg.runtime.sync_check:
             metrics["sync/max_checksum_error"] = self.sync_check()
         staleness = [self.version - 1 - s.weights_version for s in shards]
         metrics.update({
-            "time/schedule": t1 - t0, "time/rollout": t2 - t1, "time/reward": t3 - t2, "time/learn": t4 - t3,
+            "time/rollout": t2 - t1, "time/reward": t3 - t2, "time/learn": t4 - t3,
             "time/sync": t5 - t4, "images_per_s": len(result.samples) / (t2 - t1),
             "nfe/rollout": result.transformer_calls, "staleness/max": max(staleness, default=0),
             "weights_version": self.version,
         })
+        metrics.update(plan_times)
+        if probes is not None:
+            metrics.update(probe_metrics(probes, plan_times["time/probe"], t2 - t1))
         self.scheduler.publish.remote(metrics)
         return metrics
 
@@ -304,14 +388,17 @@ class RayTrainer(TrainingLoop):
         weights of iteration k-1, so rollouts run while the learners train. Staleness becomes 1."""
         if not self.cfg.runtime.overlap or iteration >= self.cfg.train.iterations:
             return
-        plans = self._get(self.scheduler.plan.remote(iteration))
+        plans, probes, plan_times = self._plan(iteration)
         chaos = self.cfg.chaos.kill == "rollout" and self.cfg.chaos.at_iteration == iteration
-        self.prefetched = (plans, self._submit_rollouts(plans, chaos))
+        self.prefetched = (plans, probes, plan_times, self._submit_rollouts(plans, chaos))
 
     def sync_check(self) -> float:
         """Push the current weights to every rollout worker now and compare their checksums with rank 0's."""
-        sent = weights_checksum(ray.get(self.weights))
-        self._get([w.sync.remote([self.weights], self.version) for w in self.rollout.actors])
+        if self.cfg.broadcast_weights:  # already received by every worker in `_send_weights`
+            sent = self.sent_checksum
+        else:
+            sent = weights_checksum(ray.get(self.weights))
+            self._get([w.sync.remote([self.weights], self.version) for w in self.rollout.actors])
         received = self._get([w.weights_checksum.remote() for w in self.rollout.actors])
         return max(abs(r - sent) for r in received)
 

@@ -51,6 +51,7 @@ from egrpo.checkpoint import (
 )
 from egrpo.config import Config, TrainConfig
 from egrpo.learner import GRPOLearner
+from egrpo.runtime.weight_sync import GroupAddress, broadcast_state, host_store, join, weights_checksum
 
 log = logging.getLogger("egrpo")
 
@@ -378,6 +379,25 @@ class LearnerActor:
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Set the weights; call it on every rank with the same state (collective under ZeRO 3)."""
         self._ready().load_trainable_state_dict(state)
+
+    # full-weight broadcast to the rollout workers (egrpo.runtime.weight_sync); rank 0 is the sender
+
+    def host_weight_store(self) -> tuple[str, int]:
+        """Start the broadcast group's rendezvous store on this node; returns (host, port)."""
+        host, port = ray.util.get_node_ip_address(), free_port()
+        self._weight_store = host_store(host, port, self.cfg.runtime.timeout_s)
+        return host, port
+
+    def join_weight_group(self, address: GroupAddress) -> None:
+        self._weight_group = join(address, 0, self._weight_store)
+        self._weight_device = torch.device("cuda" if address.backend == "nccl" else "cpu")
+
+    def broadcast_weights(self) -> float:
+        """Send the trainable weights to the rollout workers (collective with their `receive_weights`; under
+        ZeRO 3 also with every learner's `trainable_state_dict`). Returns the checksum of what was sent."""
+        state = self._ready().trainable_state_dict()
+        broadcast_state(self._weight_group, state, int(self.cfg.runtime.sync_bucket_mb * 2**20), self._weight_device)
+        return weights_checksum(state)
 
     def save_state(self, folder: str | Path) -> None:
         self._ready().save_state(Path(folder))

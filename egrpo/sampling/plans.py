@@ -8,12 +8,18 @@ A plan is data (ALGORITHMS.md section 3). Each `SamplePlan` starts from the late
 - `mix`   ODE up to a sliding window (taken from the anchor), SDE inside it, ODE after; group = prompt.
 - `egrpo` for each active step n, G branches leave the anchor at n, take ONE SDE step merged over l_n steps,
           then ODE to the end; group = (prompt, n).
+- `aegpo` SDE at the top-k peaks of the prompt's attention entropy E(t) along its anchor, ODE elsewhere (the
+          first ODE stretch is the anchor's); group = prompt, of size G_i from the prompt's dE
+          (egrpo.algo.budgets). Each SDE step is one step long unless `aegpo.merge` asks for E-GRPO's merge
+          lengths.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -107,6 +113,47 @@ def egrpo_plan(prompts, seeds, group_size, steps, lengths: list[int], rng: rando
     return plans
 
 
+def entropy_peaks(curve: Sequence[float], k: int) -> list[int]:
+    """The steps of the top-k local maxima of an entropy curve E(t), in step order (ALGORITHMS.md section 3).
+
+    A local maximum is a run of equal values (one point, or a plateau, represented by its first step) that is
+    higher than the values on both sides; a run at an edge needs only its one neighbour to be lower, and a
+    constant curve is one run. Fewer than k maxima gives fewer steps; ties in height go to the earlier step."""
+    runs: list[tuple[int, int]] = []  # (first, last) step of each run of equal values
+    for t, value in enumerate(curve):
+        if runs and value == curve[runs[-1][0]]:
+            runs[-1] = (runs[-1][0], t)
+        else:
+            runs.append((t, t))
+    peaks = []
+    for r, (first, last) in enumerate(runs):
+        left_lower = r == 0 or curve[runs[r - 1][0]] < curve[first]
+        right_lower = r == len(runs) - 1 or curve[runs[r + 1][0]] < curve[last]
+        if left_lower and right_lower:
+            peaks.append(first)
+    peaks.sort(key=lambda t: (-curve[t], t))
+    return sorted(peaks[:k])
+
+
+def aegpo_plan(
+    prompts, seeds, group_sizes: list[int], peaks: list[list[int]], lengths: list[int], steps: int,
+    rng: random.Random,
+) -> list[SamplePlan]:
+    """Prompt i gets group_sizes[i] samples (one group) that follow its anchor to its first peak, then take an
+    SDE step of lengths[n] at each peak n and ODE steps elsewhere; the loss is taken on the SDE steps. A peak
+    that a merged step before it already covers is skipped."""
+    plans = []
+    for group, (prompt, seed, size, prompt_peaks) in enumerate(zip(prompts, seeds, group_sizes, peaks, strict=True)):
+        path, i = [], prompt_peaks[0]
+        while i < steps:
+            length = lengths[i] if i in prompt_peaks else 1
+            path.append(Step(i, length, sde=i in prompt_peaks, train=i in prompt_peaks))
+            i += length
+        plans += [SamplePlan(prompt, seed, rng.getrandbits(31), group, prompt_peaks[0], tuple(path))
+                  for _ in range(size)]
+    return plans
+
+
 def ode_plan(prompts: list[str], seeds: list[int], steps: int) -> list[SamplePlan]:
     """Deterministic samples (every step ODE), one per (prompt, seed): what evaluation and `egrpo sample` draw."""
     path = _ode_tail(0, steps)
@@ -122,9 +169,32 @@ def egrpo_merge_lengths(cfg: Config) -> list[int]:
     return merge_lengths(sigmas, noise_spec(cfg), cfg.egrpo.tau, cfg.egrpo_active_steps)
 
 
-def build_plan(cfg: Config, prompts: list[str], iteration: int) -> list[SamplePlan]:
-    """The iteration's plan for the configured method; deterministic in (run.seed, iteration, prompts)."""
+def aegpo_merge_lengths(cfg: Config) -> list[int]:
+    """Length of the SDE step at each step of the schedule: E-GRPO's merge lengths with `aegpo.merge`, else 1."""
+    if not cfg.aegpo.merge:
+        return [1] * cfg.sampler.steps
+    sigmas = sigma_schedule(cfg.sampler.steps, cfg.sampler.shift)
+    return merge_lengths(sigmas, noise_spec(cfg), cfg.egrpo.tau, cfg.sampler.steps)
+
+
+def prompt_seed(run_seed: int, prompt: str) -> int:
+    """AEGPO's initial-noise seed of a prompt, the same at every iteration: dE then compares like with like
+    across iterations, and the reference entropy E_ref of a (prompt, seed) is computed once."""
+    return int.from_bytes(hashlib.sha256(f"{run_seed}/{prompt}".encode()).digest()[:4], "big") >> 1
+
+
+def build_plan(
+    cfg: Config, prompts: list[str], iteration: int,
+    group_sizes: list[int] | None = None, peaks: list[list[int]] | None = None,
+) -> list[SamplePlan]:
+    """The iteration's plan for the configured method; deterministic in (run.seed, iteration, prompts).
+    `aegpo` also needs each prompt's group size and peak steps (from the scheduler's entropy probes)."""
     rng = random.Random(f"{cfg.run.seed}/{iteration}")
+    if cfg.plan.method == "aegpo":
+        if group_sizes is None or peaks is None:
+            raise ValueError("an aegpo plan needs group sizes and peaks from the entropy probes")
+        seeds = [prompt_seed(cfg.run.seed, p) for p in prompts]
+        return aegpo_plan(prompts, seeds, group_sizes, peaks, aegpo_merge_lengths(cfg), cfg.sampler.steps, rng)
     seeds = [rng.getrandbits(31) for _ in prompts]
     T, G = cfg.sampler.steps, cfg.plan.group_size
     method = cfg.plan.method

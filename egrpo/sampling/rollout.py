@@ -9,6 +9,7 @@ the old log-prob (ALGORITHMS.md sections 1 and 3).
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -47,37 +48,54 @@ class RolloutResult:
     transformer_calls: int  # sample-forwards (NFE summed over samples), for benchmarks
 
 
+class EntropyProbe(Protocol):
+    """What the anchor pass needs from an attention-entropy probe (egrpo.entropy implements it)."""
+
+    def take(self) -> torch.Tensor: ...
+
+
 @torch.no_grad()
 def batched_velocity(
-    policy: VelocityModel, x: torch.Tensor, sigma: torch.Tensor, prompts: list[str], batch_size: int
-) -> torch.Tensor:
-    """v for rows of x, in chunks of `batch_size` (each row has its own sigma and prompt)."""
-    out = []
+    policy: VelocityModel, x: torch.Tensor, sigma: torch.Tensor, prompts: list[str], batch_size: int,
+    probe: EntropyProbe | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """v for rows of x, in chunks of `batch_size` (each row has its own sigma and prompt); with a probe
+    installed on the policy's transformer, also each row's attention entropy of that call."""
+    out, entropy = [], []
     for a in range(0, len(x), batch_size):
         cond = policy.encode_prompts(prompts[a : a + batch_size])
         out.append(policy.velocity(x[a : a + batch_size], sigma[a : a + batch_size], cond))
-    return torch.cat(out)
+        if probe is not None:
+            entropy.append(probe.take())
+    return torch.cat(out), (torch.cat(entropy) if probe is not None else None)
 
 
 def anchor_latents(
-    policy: VelocityModel, keys: list[tuple[str, int]], until: list[int], settings: SamplerSettings
-) -> tuple[dict[tuple[str, int], list[torch.Tensor]], int]:
-    """Deterministic ODE trajectories from each (prompt, seed)'s initial noise, kept at indices 0..until.
+    policy: VelocityModel, keys: list[tuple[str, int]], until: list[int], settings: SamplerSettings,
+    probe: EntropyProbe | None = None,
+) -> tuple[dict[tuple[str, int], list[torch.Tensor]], int, torch.Tensor | None]:
+    """Deterministic ODE trajectories from each (prompt, seed)'s initial noise, kept at indices 0..until;
+    with a probe, also E(t): the attention entropy of each key's call at step t, (keys, max(until)), NaN
+    past a key's `until`.
 
     Samples branch off these latents; computing them once per prompt is what makes branching cheap."""
     x = policy.initial_noise([seed for _, seed in keys])
     prompts = [prompt for prompt, _ in keys]
     trajectory = {key: [x[k].clone()] for k, key in enumerate(keys)}
+    entropy = torch.full((len(keys), max(until, default=0)), float("nan")) if probe is not None else None
     calls = 0
     for i in range(max(until, default=0)):
         rows = [k for k, last in enumerate(until) if i < last]
         sigma = torch.full((len(rows),), float(settings.sigmas[i]))
-        v = batched_velocity(policy, x[rows], sigma, [prompts[k] for k in rows], settings.batch_size)
+        v, step_entropy = batched_velocity(policy, x[rows], sigma, [prompts[k] for k in rows],
+                                           settings.batch_size, probe)
+        if entropy is not None:
+            entropy[rows, i] = step_entropy.float().cpu()
         calls += len(rows)
         x[rows] = ode_step(x[rows], v, settings.sigmas[i].item(), settings.sigmas[i + 1].item())
         for k in rows:
             trajectory[keys[k]].append(x[k].clone())
-    return trajectory, calls
+    return trajectory, calls, entropy
 
 
 @torch.no_grad()
@@ -85,7 +103,7 @@ def run_plan(policy: VelocityModel, plans: list[SamplePlan], settings: SamplerSe
     sigmas, total = settings.sigmas, len(settings.sigmas) - 1
     keys = sorted({(p.prompt, p.seed) for p in plans})
     until = [max(p.branch_from for p in plans if (p.prompt, p.seed) == key) for key in keys]
-    anchors, calls = anchor_latents(policy, keys, until, settings)
+    anchors, calls, _ = anchor_latents(policy, keys, until, settings)
 
     x = torch.stack([anchors[(p.prompt, p.seed)][p.branch_from] for p in plans])
     position = [p.branch_from for p in plans]  # schedule index each sample is at
@@ -108,7 +126,7 @@ def run_plan(policy: VelocityModel, plans: list[SamplePlan], settings: SamplerSe
         sigma_next = torch.tensor([float(sigmas[i + s.length]) for s in steps])
         g = torch.tensor([settings.noise.g(sigmas, i) if s.sde else 0.0 for s in steps])
         x_in = x[rows]
-        v = batched_velocity(policy, x_in, torch.full((len(rows),), sigma), [prompts[k] for k in rows],
+        v, _ = batched_velocity(policy, x_in, torch.full((len(rows),), sigma), [prompts[k] for k in rows],
                              settings.batch_size)
         calls += len(rows)
         xi = torch.stack([torch.randn(policy.latent_shape, generator=generators[k]) if s.sde
@@ -156,3 +174,51 @@ def _train_steps_batch(recorded: list[dict], prompts: list[str]) -> Batch:
         },
         {"sample": [r["sample"] for r in recorded], "prompt": [prompts[r["sample"]] for r in recorded]},
     )
+
+
+# ------------------------------------------------------------------------------------- AEGPO's entropy probes
+
+
+class ProbedModel(VelocityModel, Protocol):
+    """A policy whose attention can be probed, and that can switch to its reference (base) policy."""
+
+    @property
+    def active_transformer(self) -> torch.nn.Module: ...
+    def reference(self) -> AbstractContextManager[None]: ...
+
+
+@dataclass(frozen=True)
+class ProbeRequest:
+    prompt: str
+    seed: int  # initial-noise seed of the anchor
+    reference: bool  # also measure E_ref (the scheduler has not cached it for this (prompt, seed) yet)
+
+
+@dataclass
+class ProbeResult:
+    entropy: torch.Tensor  # (requests, T): E_theta(t) along each anchor
+    reference: torch.Tensor  # (requests, T): E_ref(t), NaN rows where not requested
+    transformer_calls: int
+
+
+def probe_entropies(
+    policy: ProbedModel, requests: list[ProbeRequest], settings: SamplerSettings, probe_settings
+) -> ProbeResult:
+    """AEGPO's anchor pass (ALGORITHMS.md section 3): E(t) at every step of each request's ODE anchor, under
+    the current policy and, where asked, the reference policy. `probe_settings` is an
+    egrpo.entropy ProbeSettings (blocks, heads, rows)."""
+    from egrpo.entropy.attention import AttentionEntropyProbe
+
+    keys = [(r.prompt, r.seed) for r in requests]
+    steps = len(settings.sigmas) - 1
+    with AttentionEntropyProbe(policy.active_transformer, probe_settings) as probe:
+        _, calls, entropy = anchor_latents(policy, keys, [steps] * len(keys), settings, probe)
+    reference = torch.full_like(entropy, float("nan"))
+    wanted = [k for k, r in enumerate(requests) if r.reference]
+    if wanted:
+        with policy.reference(), AttentionEntropyProbe(policy.active_transformer, probe_settings) as probe:
+            _, reference_calls, measured = anchor_latents(
+                policy, [keys[k] for k in wanted], [steps] * len(wanted), settings, probe)
+        reference[wanted] = measured
+        calls += reference_calls
+    return ProbeResult(entropy, reference, calls)
