@@ -61,6 +61,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from egrpo.sampling.plans import describe_schedule
 
     info = describe_schedule(cfg)
+    if cfg.plan.method == "aegpo":
+        return _plan_aegpo(cfg, info, args)
     if args.json:
         print(json.dumps(info))
         return 0
@@ -79,6 +81,99 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(f"{i:>4} {info['sigmas'][i]:7.4f} {h:8.4f} {math.exp(h):7.3f} "
               f"{'yes' if length else 'no':>6} {length or '':>5} {merged}")
     return 0
+
+
+def _plan_aegpo(cfg, info: dict, args: argparse.Namespace) -> int:
+    """AEGPO's plan depends on the model: run the anchor pass with attention-entropy probes on one
+    iteration's prompts (plan.prompts_per_iteration), under the current weights (base, or --checkpoint) and
+    the reference, and show what the scheduler makes of it: E(t), dE, rollouts per prompt, peak steps."""
+    check_input_files(cfg)
+    from egrpo.checkpoint import load_checkpoint
+    from egrpo.report import plot_entropy_curves
+    from egrpo.sampling.rollout import probe_entropies
+    from egrpo.scheduler import Scheduler
+    from egrpo.trainer import load_policy, probe_settings, sampler_settings
+
+    policy = load_policy(cfg)
+    if args.checkpoint:
+        load_checkpoint(args.checkpoint, policy)
+    scheduler = Scheduler(cfg)
+    requests = scheduler.draw(0)
+    probes = probe_entropies(policy, requests, sampler_settings(cfg), probe_settings(cfg))
+    plans = scheduler.plan(0, probes)
+    prompts = [r.prompt for r in requests]
+    first_of_group = {p.group: p for p in reversed(plans)}  # group k is prompt k
+    peaks = {prompts[g]: list(p.explore_steps) for g, p in first_of_group.items()}
+    budgets = {prompts[g]: sum(q.group == g for q in plans) for g in first_of_group}
+    info.update({
+        "attention_entropy": dict(zip(prompts, probes.entropy.tolist(), strict=True)),
+        "reference_entropy": dict(zip(prompts, probes.reference.tolist(), strict=True)),
+        "delta_entropy": {p: scheduler.prompt_stats[p]["dE"][-1] for p in prompts},
+        "peaks": peaks,
+        "budget": budgets,
+    })
+    png = Path(args.png or cfg.run_dir / "entropy_curves.png")
+    plot_entropy_curves(info["attention_entropy"], info["reference_entropy"], peaks, png)
+    if args.json:
+        print(json.dumps(info))
+        return 0
+    a = cfg.aegpo
+    print(f"AEGPO plan at iteration 0 ({'checkpoint ' + args.checkpoint if args.checkpoint else 'base weights'}): "
+          f"{cfg.sampler.steps} steps, top-{a.peaks} peaks of E(t) in the first {cfg.aegpo_peak_steps} steps, "
+          f"budget {a.budget}, merge {a.merge}")
+    print(f"{'prompt':<32} {'dE':>8} {'rollouts':>8}  peaks   E(t) per step")
+    for prompt in prompts:
+        curve = " ".join(f"{e:.4f}" for e in info["attention_entropy"][prompt])
+        print(f"{prompt[:32]:<32} {info['delta_entropy'][prompt]:8.5f} {budgets[prompt]:>8}  "
+              f"{str(peaks[prompt]):<7} {curve}")
+    print(f"wrote {png}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Held-out evaluation of a checkpoint against the base model, on Ray (or in-process with
+    runtime.backend=local): the same fixed seeds, every configured reward, a table and an image grid."""
+    import dataclasses
+
+    cfg = load_config(args.config, args.overrides)
+    check_input_files(cfg)
+    # an evaluation is a run of its own: it never writes into the training run's folder
+    cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, name=cfg.run.name + "-eval", wandb="disabled"))
+    from egrpo.checkpoint import resolve_checkpoint
+    from egrpo.report import save_image_grid, write_eval_table
+
+    checkpoint = resolve_checkpoint(Path(args.checkpoint))
+    if cfg.runtime.backend == "local":
+        from egrpo.trainer import Trainer
+    else:
+        from egrpo.runtime.driver import RayTrainer as Trainer
+    trainer = Trainer(cfg)
+    try:
+        base, base_images = trainer.evaluate()
+        trainer.load_weights(checkpoint)
+        tuned, tuned_images = trainer.evaluate()
+    finally:
+        trainer.close()
+    out = Path(args.out) if args.out else cfg.run_dir
+    out.mkdir(parents=True, exist_ok=True)
+    table = write_eval_table(base, tuned, out / "eval.md", out / "eval.csv", checkpoint)
+    shown = min(8, len(trainer.eval_prompts))
+    save_image_grid([base_images[:shown], tuned_images[:shown]], ["base", checkpoint.name],
+                    trainer.eval_prompts[:shown], out / "eval_grid.png")
+    print(table)
+    print(f"wrote {out / 'eval.md'}, {out / 'eval.csv'} and {out / 'eval_grid.png'}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    out = Path(args.out or f"runs/bench/{args.bench}")
+    if args.bench == "algorithms":
+        from egrpo.bench.algorithms import main as bench_algorithms
+
+        return bench_algorithms(quick=args.quick, seeds=args.seeds, out=out)
+    from egrpo.bench.system import main as bench_system
+
+    return bench_system(quick=args.quick, gpu=args.gpu, out=out)
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -133,10 +228,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue from a checkpoint folder, or the run's latest (auto)")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("plan", help="show the E-GRPO step entropies and merge lengths for a recipe")
+    p = sub.add_parser("plan", help="show which steps explore: E-GRPO's step entropies and merge lengths; for "
+                                    "aegpo also the attention entropy E(t), dE, rollouts per prompt and peaks")
     _add_config_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--checkpoint", help="aegpo: probe these weights instead of the base model's")
+    p.add_argument("--png", help="aegpo: where to write the entropy curves (default: <run dir>/entropy_curves.png)")
     p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("eval", help="held-out rewards of a checkpoint against the base model: table and grid")
+    _add_config_args(p)
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder, or a run folder (its latest)")
+    p.add_argument("--out", help="output folder (default: <run dir>-eval)")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("bench", help="benchmarks: sample efficiency (algorithms) or system efficiency (system)")
+    p.add_argument("bench", choices=["algorithms", "system"])
+    p.add_argument("--quick", action="store_true", help="the smallest setting (under two minutes on 2 cores)")
+    p.add_argument("--seeds", type=int, default=None, help="algorithms: seeds per method")
+    p.add_argument("--gpu", action="store_true", help="system: also measure a FLUX-sized transformer on CUDA")
+    p.add_argument("--out", help="output folder (default: runs/bench/<bench>)")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("sample", help="draw images for prompts, base model and optionally a checkpoint")
     _add_config_args(p)

@@ -97,3 +97,40 @@ def _wrap(text: str, width: int = 16) -> str:
 def mean_or_nan(values: torch.Tensor) -> float:
     finite = values[torch.isfinite(values)]
     return float(finite.mean()) if len(finite) else math.nan
+
+
+def plot_entropy_curves(
+    entropy: dict[str, list[float]], reference: dict[str, list[float]], peaks: dict[str, list[int]], path: Path
+) -> None:
+    """AEGPO's local signal: E(t) per prompt (solid), the base policy's E_ref(t) (dashed), chosen peaks (dots)."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for k, prompt in enumerate(entropy):
+        colour = f"C{k % 10}"
+        curve = entropy[prompt]
+        ax.plot(range(len(curve)), curve, "-", color=colour, label=prompt[:40])
+        ax.plot(range(len(curve)), reference[prompt], "--", color=colour, alpha=0.5)
+        ax.plot(peaks[prompt], [curve[t] for t in peaks[prompt]], "o", color=colour, markersize=8)
+    ax.set_xlabel("denoising step t")
+    ax.set_ylabel("attention entropy E(t) (normalised)")
+    ax.set_title("attention entropy along the anchor (dashed: base policy; dots: exploration steps)", fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_eval_table(
+    base: dict[str, float], tuned: dict[str, float], markdown: Path, csv: Path, checkpoint: Path
+) -> str:
+    """Base vs fine-tuned held-out rewards (the `eval/*` metrics) as a markdown table and a CSV; returns the
+    markdown."""
+    names = [k.removeprefix("eval/") for k in base]
+    rows = [(n, base[f"eval/{n}"], tuned[f"eval/{n}"]) for n in names]
+    lines = [f"| reward | base | {checkpoint.name} | change |", "|---|---|---|---|"]
+    lines += [f"| {n} | {b:.4f} | {t:.4f} | {t - b:+.4f} |" for n, b, t in rows]
+    table = "\n".join(lines)
+    markdown.write_text(f"Held-out evaluation of `{checkpoint}`\n\n{table}\n")
+    csv.write_text("reward,base,checkpoint,change\n" + "".join(f"{n},{b},{t},{t - b}\n" for n, b, t in rows))
+    return table

@@ -152,6 +152,10 @@ class TrainingLoop:
     def save(self, iteration: int) -> Path:
         raise NotImplementedError
 
+    def load_weights(self, checkpoint: Path) -> None:
+        """Use a checkpoint's trained weights from now on (evaluation; resuming also restores the loop)."""
+        raise NotImplementedError
+
     def close(self) -> None:
         self.log.close()
 
@@ -235,6 +239,9 @@ class Trainer(TrainingLoop):
         if probes is not None:
             metrics.update(probe_metrics(probes, t0 - t_probe, t1 - t0))
         return metrics
+
+    def load_weights(self, checkpoint: Path) -> None:
+        load_checkpoint(checkpoint, self.policy)
 
     def save(self, iteration: int) -> Path:
         state = {"scheduler": self.scheduler.state_dict(), "rng": "derived from run.seed and the iteration"}

@@ -154,3 +154,24 @@ def test_aegpo_config_errors_name_the_key():
         _aegpo_config("aegpo.budget=greedy")
     with pytest.raises(ConfigError, match="aegpo.peaks"):
         _aegpo_config("aegpo.peaks=0")
+
+
+def test_plan_command_shows_attention_entropy_peaks_and_budgets(tmp_path):
+    import subprocess
+    import sys
+
+    png = tmp_path / "curves.png"
+    result = subprocess.run(
+        [sys.executable, "-m", "egrpo.cli", "plan", "launch/configs/toy-aegpo.yaml", "--json", "--png", str(png),
+         "--set", "plan.prompts_per_iteration=3"],
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    info = json.loads(result.stdout)
+    cfg = _aegpo_config()
+    assert len(info["attention_entropy"]) == 3
+    for prompt, curve in info["attention_entropy"].items():
+        assert len(curve) == cfg.sampler.steps and all(0 < e <= 1 for e in curve)
+        assert info["peaks"][prompt] == entropy_peaks(curve[: cfg.aegpo_peak_steps], cfg.aegpo.peaks)
+        assert info["delta_entropy"][prompt] == 0.0  # base weights: the policy is its reference
+    assert sum(info["budget"].values()) == 3 * cfg.plan.group_size
+    assert info["merge_lengths"] and png.stat().st_size > 0

@@ -97,3 +97,31 @@ def test_sample_command_draws_base_and_checkpoint_rows(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert out.stat().st_size > 0 and "iter 1" in result.stdout and "base" in result.stdout
     assert outputs.checkpoint.name == "iter_000000"
+
+
+def test_eval_command_reproduces_the_runs_own_start_and_end_evaluations(tmp_path):
+    import subprocess
+    import sys
+
+    overrides = [f"run.dir={tmp_path}", "run.wandb=disabled", "runtime.backend=local", "train.eval_prompts=4",
+                 "train.eval_seeds=2"]
+    cfg = load_config(RECIPES / "toy-egrpo.yaml", [*overrides, "train.iterations=2"])
+    outputs = Trainer(cfg).run()
+    records = [json.loads(line) for line in outputs.metrics.read_text().splitlines()]
+    out = tmp_path / "eval"
+    result = subprocess.run(
+        [sys.executable, "-m", "egrpo.cli", "eval", str(RECIPES / "toy-egrpo.yaml"), "--checkpoint",
+         str(cfg.run_dir), "--out", str(out), *[a for o in overrides for a in ("--set", o)]],
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line.split(",") for line in (out / "eval.csv").read_text().splitlines()[1:]]
+    table = {name: (float(base), float(tuned)) for name, base, tuned, _ in rows}
+    assert set(table) == {"reward_mean", "toy_colour", "toy_shape", "toy_position"}
+    # same prompts, seeds and weights as the run's own evaluations before and after training
+    for name, (base, tuned) in table.items():
+        assert base == pytest.approx(records[0][f"eval/{name}"], abs=1e-6)
+        assert tuned == pytest.approx(records[-1][f"eval/{name}"], abs=1e-6)
+    assert table["reward_mean"][0] != table["reward_mean"][1]
+    assert (out / "eval_grid.png").stat().st_size > 0 and "| toy_colour |" in (out / "eval.md").read_text()
+    assert not (tmp_path / "toy-egrpo-eval" / "metrics.jsonl").read_text()  # the training run's log is untouched
+    assert len(outputs.metrics.read_text().splitlines()) == 3

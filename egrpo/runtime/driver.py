@@ -392,6 +392,11 @@ class RayTrainer(TrainingLoop):
         chaos = self.cfg.chaos.kill == "rollout" and self.cfg.chaos.at_iteration == iteration
         self.prefetched = (plans, probes, plan_times, self._submit_rollouts(plans, chaos))
 
+    def load_weights(self, checkpoint: Path) -> None:
+        self._get([a.load_checkpoint.remote(str(checkpoint)) for a in self.learners.actors], "checkpoint load")
+        self.version += 1
+        self._send_weights()
+
     def sync_check(self) -> float:
         """Push the current weights to every rollout worker now and compare their checksums with rank 0's."""
         if self.cfg.broadcast_weights:  # already received by every worker in `_send_weights`
