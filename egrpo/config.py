@@ -45,8 +45,9 @@ class ModelConfig:
     lora_alpha: float = _f(8.0, "LoRA alpha (scale = alpha / r)")
     lora_targets: tuple[str, ...] = _f(
         ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"),
-        "module names that get LoRA adapters",
+        "module-name suffixes that get LoRA adapters, or presets: attention, flux, sd3 (egrpo/models/policy.py)",
     )
+    gradient_checkpointing: bool = _f(False, "recompute the transformer's activations in the backward pass (less memory)")
     guidance: float = _f(3.5, "distilled guidance scale (FLUX.1-dev); ignored by models without guidance embedding")
     height: int = _f(0, "image height in pixels; 0 = the model folder's default")
     width: int = _f(0, "image width in pixels; 0 = the model folder's default")

@@ -266,3 +266,30 @@ def test_missing_model_folder_names_the_path(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match=str(tmp_path / "empty")):
         FlowPolicy.from_pretrained(tmp_path / "empty")
+
+
+@pytest.mark.parametrize("name, preset", [("flux", "flux"), ("sd3", "sd3")])
+def test_lora_presets_adapt_attention_and_mlps_and_checkpointing_keeps_gradients(
+    folders: dict[str, Path], name: str, preset: str
+) -> None:
+    policy = load(folders[name])
+    policy.setup_finetune("lora", rank=2, alpha=2.0, targets=(preset,))
+    adapted = {n.rsplit(".lora_A", 1)[0] for n, _ in policy.transformer.named_parameters() if ".lora_A" in n}
+    # (the tiny SD3's one block is its last, which has no text-stream MLP)
+    suffixes = {"to_q", "add_k_proj", "ff.net.2"} | ({"ff_context.net.0.proj", "proj_mlp"} if preset == "flux" else set())
+    assert all(any(a.endswith(s) for a in adapted) for s in suffixes)
+    trainable = policy.trainable_parameters()
+    perturb(trainable, seed=0)
+    x = policy.initial_noise([0, 1])
+    cond = policy.encode_prompts(PROMPTS)
+
+    def gradients() -> list[torch.Tensor]:
+        policy.transformer.zero_grad()
+        policy.velocity(x, 0.6, cond).square().mean().backward()
+        return [p.grad.clone() for p in trainable]
+
+    plain = gradients()
+    policy.transformer.enable_gradient_checkpointing()
+    assert policy.transformer.is_gradient_checkpointing
+    for g, c in zip(plain, gradients(), strict=True):
+        torch.testing.assert_close(c, g, atol=1e-6, rtol=1e-5)

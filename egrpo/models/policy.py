@@ -54,6 +54,19 @@ DEFAULT_LORA_TARGETS: tuple[str, ...] = (
     "add_v_proj",
     "to_add_out",
 )
+_FEED_FORWARD = ("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2")
+# Names that `model.lora_targets` may use for a family's usual set (attention and MLPs, as the DanceGRPO and
+# Flow-GRPO LoRA runs adapt); any other entry is a module-name suffix, as peft reads it.
+LORA_PRESETS: dict[str, tuple[str, ...]] = {
+    "attention": DEFAULT_LORA_TARGETS,
+    "flux": DEFAULT_LORA_TARGETS + _FEED_FORWARD + ("proj_mlp",),  # proj_mlp: the single blocks' MLP input
+    "sd3": DEFAULT_LORA_TARGETS + _FEED_FORWARD,
+}
+
+
+def expand_lora_targets(targets: tuple[str, ...]) -> list[str]:
+    """Module-name suffixes for peft, with preset names (LORA_PRESETS) replaced by their modules."""
+    return list(dict.fromkeys(m for t in targets for m in LORA_PRESETS.get(t, (t,))))
 
 
 class FlowPolicy:
@@ -314,7 +327,8 @@ class FlowPolicy:
             raise RuntimeError(f"finetuning is already set up ({self.finetune_mode})")
         if mode == "lora":
             self.transformer.requires_grad_(False)
-            self.transformer.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets)))
+            config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=expand_lora_targets(targets))
+            self.transformer.add_adapter(config)
             cast_training_params(self.transformer, dtype=torch.float32)
         elif mode == "full":
             self._reference_transformer = copy.deepcopy(self.transformer).requires_grad_(False).eval()
