@@ -22,7 +22,7 @@ SMALL = ["plan.prompts_per_iteration=2", "plan.group_size=3", "train.eval_every=
 @pytest.fixture(scope="module")
 def local_ray():
     # Logical CPUs: the actors ask for 4.5 in all; the 2 real cores are shared by time.
-    ray.init(num_cpus=8, include_dashboard=False,
+    ray.init(address="local", num_cpus=8, include_dashboard=False,
              runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
                                        "WANDB_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}})
     yield
@@ -75,6 +75,25 @@ def test_one_iteration_on_ray_equals_the_in_process_loop(tmp_path, local_ray):
     assert update > 0 and diff / update < UPDATE_RTOL
     for key in local_weights:
         assert torch.equal(ray_weights[key], other_rank[key])  # ranks stay in sync
+
+
+def test_aegpo_on_ray_probes_budgets_and_explores_like_the_in_process_loop(tmp_path, local_ray):
+    """AEGPO's probe pass runs on the rollout workers (split over two), its E_ref cache and dE budgets in the
+    scheduler actor: two iterations give the in-process loop's entropies, budgets and exploration steps."""
+    recipe = RECIPE.with_name("toy-aegpo.yaml")
+    common = [*SMALL, "train.iterations=2", "plan.prompts_per_iteration=3", "runtime.rollout_workers=2"]
+    reference = Trainer(load_config(recipe, [f"run.dir={tmp_path / 'local'}", *common, "runtime.backend=local"]))
+    reference.run()
+    cfg = load_config(recipe, [f"run.dir={tmp_path / 'ray'}", *common])
+    RayTrainer(cfg).run()
+    for local, distributed in zip(_records(reference.cfg)[1:], _records(cfg)[1:], strict=True):
+        assert distributed["nfe/probe"] == local["nfe/probe"] > 0
+        assert distributed["entropy/mean"] == pytest.approx(local["entropy/mean"], rel=1e-5)
+        assert distributed["entropy/dE_max"] == pytest.approx(local["entropy/dE_max"], rel=1e-2, abs=1e-7)
+        for key in ("budget/min", "budget/max", "samples/requested", "explore/peaks"):
+            assert distributed[key] == local[key], key
+        assert distributed["reward/mean"] == pytest.approx(local["reward/mean"], rel=1e-4)
+    assert _records(cfg)[2]["entropy/dE_max"] > 0  # after one update the policy has moved from its reference
 
 
 def test_resume_on_ray_matches_a_straight_run(tmp_path, local_ray):

@@ -203,7 +203,7 @@ def test_bf16_needs_cuda(cfg):
 def actors(cfg: Config):
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=4, include_dashboard=False, num_gpus=0, log_to_driver=False)
+        ray.init(address="local", num_cpus=4, include_dashboard=False, num_gpus=0, log_to_driver=False)
     handles = [LearnerActor.options(num_cpus=1).remote(cfg, 1) for _ in range(2)]
     try:
         yield handles

@@ -100,7 +100,8 @@ def connect(cfg: Config) -> None:
     logical_cpus = max(os.cpu_count() or 1, math.ceil(needed))
     log.info("starting a local Ray with %d logical CPUs%s", logical_cpus,
              f", dashboard at http://{cfg.runtime.dashboard_host}:8265" if cfg.runtime.dashboard else "")
-    ray.init(num_cpus=logical_cpus, include_dashboard=cfg.runtime.dashboard,
+    # address="local": a new Ray of our own, even when a `ray start` cluster runs on this machine
+    ray.init(address="local", num_cpus=logical_cpus, include_dashboard=cfg.runtime.dashboard,
              dashboard_host=cfg.runtime.dashboard_host, runtime_env={"env_vars": env}, log_to_driver=True)
 
 
