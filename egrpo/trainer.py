@@ -154,6 +154,10 @@ class TrainingLoop:
     def save(self, iteration: int) -> Path:
         raise NotImplementedError
 
+    def publish(self, record: dict[str, Any]) -> None:
+        """Show an iteration's full record (evaluation included) beyond metrics.jsonl; the Ray runtime sets
+        its dashboard gauges here."""
+
     def load_weights(self, checkpoint: Path) -> None:
         """Use a checkpoint's trained weights from now on (evaluation; resuming also restores the loop)."""
         raise NotImplementedError
@@ -178,6 +182,7 @@ class TrainingLoop:
                     eval_record, images = self.evaluate()
                     record.update(eval_record)
                 self.log.log(record)
+                self.publish(record)
                 bar.set_postfix(reward=f"{record['reward/mean']:.3f}",
                                 eval=f"{record.get('eval/reward_mean', float('nan')):.3f}")
                 if it == last or (it + 1) % cfg.train.checkpoint_every == 0:

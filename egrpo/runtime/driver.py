@@ -381,7 +381,6 @@ class RayTrainer(TrainingLoop):
         metrics.update(plan_times)
         if probes is not None:
             metrics.update(probe_metrics(probes, plan_times["time/probe"], t2 - t1))
-        self.scheduler.publish.remote(metrics)
         return metrics
 
     def _prefetch(self, iteration: int) -> None:
@@ -392,6 +391,9 @@ class RayTrainer(TrainingLoop):
         plans, probes, plan_times = self._plan(iteration)
         chaos = self.cfg.chaos.kill == "rollout" and self.cfg.chaos.at_iteration == iteration
         self.prefetched = (plans, probes, plan_times, self._submit_rollouts(plans, chaos))
+
+    def publish(self, record: dict[str, Any]) -> None:
+        self.scheduler.publish.remote(record)
 
     def load_weights(self, checkpoint: Path) -> None:
         self._get([a.load_checkpoint.remote(str(checkpoint)) for a in self.learners.actors], "checkpoint load")
