@@ -142,7 +142,7 @@ class RewardConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    prompts: str = _f("toy:train", "training prompts: a .txt (one per line) or .jsonl file, or toy:train")
+    prompts: str = _f("toy:train", "training prompts: .txt (one per line), .jsonl, .json (HPD), or toy:train")
     eval_prompts: str = _f("toy:eval", "held-out prompts, same forms")
 
 

@@ -9,6 +9,7 @@ import pytest
 from egrpo.config import ConfigError, from_dict, load_config, parse_overrides
 
 RECIPES = sorted(Path(__file__).parents[1].joinpath("launch", "configs").glob("toy-*.yaml"))
+EGRPO_RECIPE = Path(__file__).parents[1] / "launch" / "configs" / "toy-egrpo.yaml"
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
@@ -72,10 +73,10 @@ def test_cli_missing_or_empty_prompts_file_names_the_path(tmp_path):
 def test_cli_plan_json_keys():
     import json
 
-    result = _egrpo("plan", str(RECIPES[0]), "--set", "sampler.steps=16", "--set", "egrpo.active_steps=8", "--json")
+    result = _egrpo("plan", str(EGRPO_RECIPE), "--set", "sampler.steps=16", "--set", "egrpo.active_steps=8", "--json")
     assert result.returncode == 0, result.stderr
     info = json.loads(result.stdout)
     assert {"sigmas", "step_entropy", "active_steps", "merge_lengths"} <= set(info)
     assert len(info["merge_lengths"]) == len(info["active_steps"]) == 8
-    table = _egrpo("plan", str(RECIPES[0]))
+    table = _egrpo("plan", str(EGRPO_RECIPE))
     assert table.returncode == 0 and "merge" in table.stdout and len(table.stdout.splitlines()) == 2 + 8

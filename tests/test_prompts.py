@@ -1,4 +1,4 @@
-"""Prompt datasets (toy splits, .txt, .jsonl) and the resumable prompt sampler."""
+"""Prompt datasets (toy splits, .txt, .jsonl, .json as HPDv2 releases it) and the resumable prompt sampler."""
 
 import json
 
@@ -28,17 +28,58 @@ def test_jsonl_reads_prompt_caption_or_text(tmp_path):
     assert load_prompts(str(path)) == ["a cat", "a dog", "a cow"]
 
 
+def test_json_reads_hpdv2_benchmark_and_test_files(tmp_path):
+    """HPDv2's benchmark/<style>.json is a list of strings; its test.json and train.json are lists of objects
+    with a "prompt" field and annotation fields, and train.json repeats a prompt once per image pair."""
+    benchmark = tmp_path / "anime.json"
+    benchmark.write_text(json.dumps(["A hyena fursona at sunset.", " Walter White as a king. "]))
+    assert load_prompts(str(benchmark)) == ["A hyena fursona at sunset.", "Walter White as a king."]
+    pairs = tmp_path / "train.json"
+    records = [
+        {"human_preference": [0, 1], "prompt": "a cat", "image_path": ["0.jpg", "1.jpg"]},
+        {"human_preference": [1, 0], "prompt": "a dog", "image_path": ["2.jpg", "3.jpg"]},
+        {"human_preference": [1, 0], "prompt": "a cat", "image_path": ["4.jpg", "5.jpg"]},
+        {"caption": "a cow"},
+        "a hen",
+    ]
+    pairs.write_text(json.dumps(records, indent=2))
+    assert load_prompts(str(pairs)) == ["a cat", "a dog", "a cow", "a hen"]
+
+
+def test_txt_keeps_the_first_of_repeated_prompts(tmp_path):
+    path = tmp_path / "p.txt"
+    path.write_text("a cat\na dog\n a cat \n")
+    assert load_prompts(str(path)) == ["a cat", "a dog"]
+
+
+@pytest.mark.parametrize(
+    "content, where",
+    [
+        ('["a cat", {"prompt": "a dog"}, {"url": "x"}]', r"p\.json\[2\]"),
+        ('["a cat", 3]', r"p\.json\[1\]"),
+        ('[{"prompt": ["a", "cat"]}]', r"p\.json\[0\]"),
+        ('{"prompt": "a cat"}', r"p\.json: expected a JSON list"),
+        ('["a cat",', r"p\.json: not valid JSON"),
+    ],
+)
+def test_bad_json_names_path_and_index(tmp_path, content, where):
+    path = tmp_path / "p.json"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=where):
+        load_prompts(str(path))
+
+
 def test_missing_file_names_the_path(tmp_path):
     path = tmp_path / "nope.txt"
     with pytest.raises(FileNotFoundError, match="nope.txt"):
         load_prompts(str(path))
 
 
-@pytest.mark.parametrize("suffix", [".txt", ".jsonl"])
-def test_empty_file_names_the_path(tmp_path, suffix):
+@pytest.mark.parametrize("suffix, content", [(".txt", "\n \n"), (".jsonl", "\n \n"), (".json", '["", "  "]')])
+def test_empty_file_names_the_path(tmp_path, suffix, content):
     path = tmp_path / f"empty{suffix}"
-    path.write_text("\n \n")
-    with pytest.raises(ValueError, match=f"empty{suffix}"):
+    path.write_text(content)
+    with pytest.raises(ValueError, match=f"no prompts in .*empty{suffix}"):
         load_prompts(str(path))
 
 

@@ -1,7 +1,15 @@
 """Prompt datasets and a seeded sampler that resumes exactly where a checkpoint left it.
 
-A prompt spec is either "toy:train" / "toy:eval" (the fixed toy-world splits) or a file: a .txt file with
-one prompt per line, or a .jsonl file whose lines are objects with a "prompt" (or "caption" or "text") field.
+A prompt spec is either "toy:train" / "toy:eval" (the fixed toy-world splits) or a file:
+
+- `.txt`: one prompt per line (DanceGRPO's and MixGRPO's prompts.txt, Flow-GRPO's train.txt);
+- `.jsonl`: one object per line with a "prompt" (or "caption" or "text") field;
+- `.json`: a list whose items are prompt strings or such objects. This reads HPDv2's released files as they
+  are: `benchmark/{anime,concept-art,paintings,photo}.json` are lists of strings, `test.json` and
+  `train.json` lists of objects with a "prompt" field (plus image paths and preference labels, ignored).
+
+Prompts come back stripped, in file order, each once: blank ones are skipped and repeats dropped (HPDv2's
+train.json lists a prompt once per annotated image pair, which would otherwise weight it by its pair count).
 """
 
 from __future__ import annotations
@@ -14,28 +22,42 @@ from typing import Any
 from egrpo.toyworld.world import eval_prompts, train_prompts
 
 TOY_SPLITS = {"toy:train": train_prompts, "toy:eval": eval_prompts}
-JSONL_FIELDS = ("prompt", "caption", "text")
+PROMPT_FIELDS = ("prompt", "caption", "text")
+FILE_SUFFIXES = (".txt", ".jsonl", ".json")
 
 
 def load_prompts(spec: str) -> list[str]:
-    """The prompts a spec names, in file order; errors name the file (and line, for JSONL)."""
+    """The prompts a spec names (see the module docstring); errors name the file and the line or item."""
     if spec in TOY_SPLITS:
         return TOY_SPLITS[spec]()
     if spec.startswith("toy:"):
         raise ValueError(f"unknown toy split {spec!r}; known: {list(TOY_SPLITS)}")
     path = Path(spec)
-    if path.suffix not in (".txt", ".jsonl"):
+    if path.suffix not in FILE_SUFFIXES:
         raise ValueError(
-            f"prompt spec {spec!r} is neither {' nor '.join(TOY_SPLITS)} nor a .txt or .jsonl file"
+            f"prompt spec {spec!r} is neither {' nor '.join(TOY_SPLITS)} nor a {', '.join(FILE_SUFFIXES)} file"
         )
     if not path.is_file():
         raise FileNotFoundError(f"prompt file not found: {path}")
-    lines = path.read_text(encoding="utf-8").splitlines()
-    prompts = _jsonl_prompts(path, lines) if path.suffix == ".jsonl" else [ln.strip() for ln in lines]
-    prompts = [p for p in prompts if p]
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json":
+        prompts = _json_prompts(path, text)
+    elif path.suffix == ".jsonl":
+        prompts = _jsonl_prompts(path, text.splitlines())
+    else:
+        prompts = text.splitlines()
+    stripped = (p.strip() for p in prompts)
+    prompts = list(dict.fromkeys(p for p in stripped if p))
     if not prompts:
         raise ValueError(f"no prompts in {path}")
     return prompts
+
+
+def _field(record: Any) -> str | None:
+    """The prompt of a JSON object: its first string-valued field among PROMPT_FIELDS, else None."""
+    if not isinstance(record, dict):
+        return None
+    return next((record[f] for f in PROMPT_FIELDS if isinstance(record.get(f), str)), None)
 
 
 def _jsonl_prompts(path: Path, lines: list[str]) -> list[str]:
@@ -47,14 +69,30 @@ def _jsonl_prompts(path: Path, lines: list[str]) -> list[str]:
             record = json.loads(line)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{number}: not valid JSON ({e.msg})") from None
-        text = (
-            next((record[f] for f in JSONL_FIELDS if f in record), None) if isinstance(record, dict) else None
-        )
-        if not isinstance(text, str):
+        prompt = _field(record)
+        if prompt is None:
             raise ValueError(
-                f"{path}:{number}: expected an object with a string field {' or '.join(JSONL_FIELDS)}"
+                f"{path}:{number}: expected an object with a string field {' or '.join(PROMPT_FIELDS)}"
             )
-        prompts.append(text.strip())
+        prompts.append(prompt)
+    return prompts
+
+
+def _json_prompts(path: Path, text: str) -> list[str]:
+    try:
+        items = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(items, list):
+        raise ValueError(f"{path}: expected a JSON list of prompts at the top level, got {type(items).__name__}")
+    prompts = []
+    for index, item in enumerate(items):
+        prompt = item if isinstance(item, str) else _field(item)
+        if prompt is None:
+            raise ValueError(
+                f"{path}[{index}]: expected a string or an object with a string field {' or '.join(PROMPT_FIELDS)}"
+            )
+        prompts.append(prompt)
     return prompts
 
 

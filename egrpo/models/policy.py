@@ -55,8 +55,9 @@ DEFAULT_LORA_TARGETS: tuple[str, ...] = (
     "to_add_out",
 )
 _FEED_FORWARD = ("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2")
-# Names that `model.lora_targets` may use for a family's usual set (attention and MLPs, as the DanceGRPO and
-# Flow-GRPO LoRA runs adapt); any other entry is a module-name suffix, as peft reads it.
+# Names that `model.lora_targets` may use for a family's attention and MLP projections together (Flow-GRPO's
+# SD3 LoRA adapts attention only: the `attention` preset); any other entry is a module-name suffix, as peft
+# reads it.
 LORA_PRESETS: dict[str, tuple[str, ...]] = {
     "attention": DEFAULT_LORA_TARGETS,
     "flux": DEFAULT_LORA_TARGETS + _FEED_FORWARD + ("proj_mlp",),  # proj_mlp: the single blocks' MLP input
