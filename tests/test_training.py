@@ -17,7 +17,7 @@ RECIPES = Path(__file__).parents[1] / "launch" / "configs"
 # Held-out reward (toy_colour + toy_position, each in [0, 1]) must rise by at least this much over the recipe's
 # 80 iterations. Runs are deterministic for fixed seeds on one CPU thread; the measured gains (README, "The toy
 # world") are about twice these margins.
-MIN_GAIN = {"toy-egrpo.yaml": 0.08, "toy-grpo.yaml": 0.025}
+MIN_GAIN = {"toy-egrpo.yaml": 0.08, "toy-grpo.yaml": 0.025, "toy-aegpo.yaml": 0.09}
 
 
 def _config(tmp_path, recipe, *overrides):
@@ -25,7 +25,7 @@ def _config(tmp_path, recipe, *overrides):
                                           *overrides])
 
 
-@pytest.mark.parametrize("recipe", ["toy-egrpo.yaml", "toy-grpo.yaml"])
+@pytest.mark.parametrize("recipe", list(MIN_GAIN))
 def test_toy_training_improves_held_out_reward(tmp_path, recipe):
     cfg = _config(tmp_path, recipe, "train.eval_every=0")  # evaluation does not touch the training state
     outputs = Trainer(cfg).run()
