@@ -190,9 +190,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     prompts = args.prompt
     seeds = [args.seed + k for k in range(len(prompts))]
     plan = ode_plan(prompts, seeds, cfg.sampler.steps)
-    with policy.reference():
-        rows.append(run_plan(policy, plan, sampler_settings(cfg)).samples["images"])
-        labels.append("base")
+    rows.append(run_plan(policy, plan, sampler_settings(cfg)).samples["images"])  # freshly loaded: the base
+    labels.append("base")
     if args.checkpoint:
         state = load_checkpoint(args.checkpoint, policy)
         rows.append(run_plan(policy, plan, sampler_settings(cfg)).samples["images"])

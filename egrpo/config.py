@@ -119,6 +119,9 @@ class TrainConfig:
     adv_clip: float = _f(5.0, "advantages are clipped to [-adv_clip, adv_clip]")
     kl_beta: float = _f(0.0, "weight of the KL term to the reference policy; 0 = off")
     batch_size: int = _f(16, "trained (sample, step) pairs per optimiser step")
+    micro_batch_size: int = _f(
+        0, "rows per forward/backward on a learner; gradients accumulate to one step per minibatch (0 = all)"
+    )
     epochs: int = _f(1, "passes over an iteration's trained steps")
     max_grad_norm: float = _f(1.0, "gradient clipping norm; 0 = off")
     checkpoint_every: int = _f(10, "iterations between checkpoints (the last iteration always saves)")
@@ -379,6 +382,7 @@ def validate(cfg: Config) -> None:
     _require(t.kl_beta >= 0, "train.kl_beta", "must be >= 0")
     _require(t.batch_size >= 1, "train.batch_size", "must be >= 1")
     _require(t.epochs >= 1, "train.epochs", "must be >= 1")
+    _require(t.micro_batch_size >= 0, "train.micro_batch_size", "must be >= 0")
     _require(t.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1")
     _require(t.eval_every >= 0, "train.eval_every", "must be >= 0")
     _require(t.eval_prompts >= 1, "train.eval_prompts", "must be >= 1")

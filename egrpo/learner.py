@@ -1,7 +1,7 @@
 """The learner's work for one iteration, as a plain object: minibatches, old log-probs, clipped updates.
 
 The in-process loop uses it with a torch optimiser; `runtime/learner` wraps the same object in a DeepSpeed
-engine by overriding `apply_gradients` (and nothing else), so both compute the same algorithm.
+engine by overriding `backward` and `step` (and nothing else), so both compute the same algorithm.
 """
 
 from __future__ import annotations
@@ -35,27 +35,60 @@ class GRPOLearner:
         self.optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=train.lr,
                                            weight_decay=train.weight_decay)
 
-    def apply_gradients(self, loss: torch.Tensor) -> float:
-        """backward, clip, step; returns the gradient norm before clipping."""
-        self.optimizer.zero_grad(set_to_none=True)
+    def backward(self, loss: torch.Tensor, last_micro_batch: bool) -> None:
+        """Accumulate the gradients of one micro-batch's (already weighted) loss."""
         loss.backward()
+
+    def step(self) -> float:
+        """Clip and step on the accumulated gradients, then clear them; returns the norm before clipping."""
         params = self.policy.trainable_parameters()
         if self.train.max_grad_norm > 0:
             norm = torch.nn.utils.clip_grad_norm_(params, self.train.max_grad_norm)
         else:
             norm = torch.sqrt(sum((p.grad.float() ** 2).sum() for p in params if p.grad is not None))
         self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
         return float(norm)
 
+    def micro_batches(self, minibatch: Batch) -> list[Batch]:
+        """The pieces one forward pass takes (`train.micro_batch_size`; 0 = the whole minibatch)."""
+        return minibatch.chunks(self.train.micro_batch_size or len(minibatch))
+
     @torch.no_grad()
-    def old_logprobs(self, minibatches: list[Batch]) -> list[torch.Tensor]:
-        """log-probs under the current weights, computed in the same minibatches (and so the same kernels)
+    def old_logprobs(self, minibatches: list[Batch]) -> list[list[torch.Tensor]]:
+        """log-probs under the current weights, computed in the same micro-batches (and so the same kernels)
         that training will use, so that rho == 1 exactly before the first step (ALGORITHMS.md section 2)."""
         out = []
         for mb in minibatches:
-            mean, std = step_mean_and_std(self.policy, mb)
-            out.append(gaussian_logprob(mb["x_out"].to(mean.device), mean, std, self.reduction))
+            out.append([])
+            for micro in self.micro_batches(mb):
+                mean, std = step_mean_and_std(self.policy, micro)
+                out[-1].append(gaussian_logprob(micro["x_out"].to(mean.device), mean, std, self.reduction))
         return out
+
+    def update(self, minibatch: Batch, logp_old: list[torch.Tensor]) -> dict[str, float]:
+        """One optimiser step on a minibatch: the loss of each micro-batch, weighted by its share of the rows,
+        is back-propagated in turn (so the accumulated gradient is the minibatch mean's), then one step."""
+        totals: dict[str, float] = {}
+        micro_batches = self.micro_batches(minibatch)
+        for k, (micro, lo) in enumerate(zip(micro_batches, logp_old, strict=True)):
+            mean, std = step_mean_and_std(self.policy, micro)
+            mean_ref = None
+            if self.train.kl_beta > 0:
+                with torch.no_grad(), self.policy.reference():
+                    mean_ref, _ = step_mean_and_std(self.policy, micro)
+            loss, stats = grpo_loss(mean, std, micro, lo, self.train.clip_range, self.reduction, mean_ref,
+                                    self.train.kl_beta)
+            share = len(micro) / len(minibatch)
+            self.backward(loss * share, last_micro_batch=k == len(micro_batches) - 1)
+            stats["loss"] = loss.item()
+            for key, value in stats.items():
+                if key == "ratio_max_dev":  # a max over the minibatch; the others are row-weighted means
+                    totals[key] = max(totals.get(key, 0.0), value)
+                else:
+                    totals[key] = totals.get(key, 0.0) + value * share
+        totals["grad_norm"] = self.step()
+        return totals
 
     def train_iteration(self, minibatches: list[Batch]) -> dict[str, float]:
         """`epochs` passes of clipped updates over the minibatches of trained steps (with an `advantage` column).
@@ -63,24 +96,17 @@ class GRPOLearner:
         One optimiser step per minibatch; under data parallelism each rank gets its slice of every minibatch."""
         logp_old = self.old_logprobs(minibatches)
         rollout_mismatch = max(
-            (lo.cpu() - mb["logp_old"]).abs().max().item() for lo, mb in zip(logp_old, minibatches, strict=True)
+            (torch.cat(lo).cpu() - mb["logp_old"]).abs().max().item()
+            for lo, mb in zip(logp_old, minibatches, strict=True)
         )
         totals: dict[str, float] = {}
         first_ratio_dev = math.nan
         updates = 0
         for _epoch in range(self.train.epochs):
             for mb, lo in zip(minibatches, logp_old, strict=True):
-                mean, std = step_mean_and_std(self.policy, mb)
-                mean_ref = None
-                if self.train.kl_beta > 0:
-                    with torch.no_grad(), self.policy.reference():
-                        mean_ref, _ = step_mean_and_std(self.policy, mb)
-                loss, stats = grpo_loss(mean, std, mb, lo, self.train.clip_range, self.reduction,
-                                        mean_ref, self.train.kl_beta)
+                stats = self.update(mb, lo)
                 if updates == 0:
                     first_ratio_dev = stats["ratio_max_dev"]
-                stats["grad_norm"] = self.apply_gradients(loss)
-                stats["loss"] = loss.item()
                 for k, v in stats.items():
                     totals[k] = totals.get(k, 0.0) + v
                 updates += 1

@@ -55,7 +55,10 @@ def load_policy(cfg: Config, device: torch.device | None = None):
     )
     with torch.random.fork_rng(devices=[]):  # the LoRA init is the same in every process (learners, workers)
         torch.manual_seed(cfg.run.seed)
-        policy.setup_finetune(m.finetune, rank=m.lora_rank, alpha=m.lora_alpha, targets=m.lora_targets)
+        # a full-weight reference copy only where something reads the reference policy
+        needs_reference = cfg.train.kl_beta > 0 or cfg.plan.method == "aegpo"
+        policy.setup_finetune(m.finetune, rank=m.lora_rank, alpha=m.lora_alpha, targets=m.lora_targets,
+                              keep_reference=needs_reference)
     if m.gradient_checkpointing:
         policy.transformer.enable_gradient_checkpointing()
     return policy

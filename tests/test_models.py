@@ -258,6 +258,11 @@ def test_full_finetune_keeps_a_frozen_reference(folders: dict[str, Path], tmp_pa
     assert all(torch.equal(saved[k], state[k]) for k in state)
     with torch.no_grad():
         assert torch.equal(policy.velocity(x, 0.3, cond), tuned)
+    # without a KL term or AEGPO nothing reads the reference: no copy is kept, and asking for it says so
+    lean = load(folders["flux_pixel"])
+    lean.setup_finetune("full", keep_reference=False)
+    with pytest.raises(RuntimeError, match="no reference"), lean.reference():
+        pass
 
 
 def test_missing_model_folder_names_the_path(tmp_path: Path) -> None:

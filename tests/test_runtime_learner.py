@@ -134,6 +134,28 @@ def test_single_rank_equals_plain_learner(cfg, initial, minibatches, stage, clip
         assert metrics["train/grad_norm"] > cfg.train.max_grad_norm  # so clipping was exercised
 
 
+@pytest.mark.parametrize("stage", [None, 0, 2, 3])  # None: the plain GRPOLearner
+def test_micro_batches_accumulate_to_the_minibatch_step(cfg, initial, minibatches, stage):
+    """train.micro_batch_size=1: four forward/backward passes per minibatch of 4, one optimiser step."""
+    expected, plain_metrics = plain_result(cfg, initial, minibatches)
+    micro = replace(cfg, train=replace(cfg.train, micro_batch_size=1))
+    if stage is None:
+        got, metrics = plain_result(micro, initial, minibatches)
+    else:
+        learner = ds_learner(micro, initial, stage)
+        try:
+            metrics = learner.train_iteration(minibatches)
+            got = learner.trainable_state_dict()
+        finally:
+            learner.close()
+    assert max_diff(got, initial) > 1e-3
+    assert max_diff(got, expected) <= ATOL_CLIP
+    assert metrics["train/first_ratio_max_dev"] == 0.0  # old log-probs came from the same micro-batches
+    assert metrics["train/updates"] == plain_metrics["train/updates"] == 4
+    assert metrics["train/grad_norm"] == pytest.approx(plain_metrics["train/grad_norm"], rel=1e-4)
+    assert metrics["train/policy_loss"] == pytest.approx(plain_metrics["train/policy_loss"], rel=1e-4, abs=1e-8)
+
+
 @pytest.mark.parametrize("stage", [0, 2])
 def test_save_load_round_trip(cfg, initial, minibatches, stage, tmp_path: Path):
     learner = ds_learner(cfg, initial, stage)

@@ -313,6 +313,7 @@ class FlowPolicy:
         rank: int = 8,
         alpha: float = 8.0,
         targets: tuple[str, ...] = DEFAULT_LORA_TARGETS,
+        keep_reference: bool = True,
     ) -> None:
         """Make the transformer trainable and keep a reference policy for KL terms and attention-entropy
         baselines. Text encoders and the VAE stay frozen.
@@ -322,7 +323,8 @@ class FlowPolicy:
         parameters are kept in float32 even when the model is bf16, as diffusers' training scripts do, so
         small optimiser updates are not rounded away. The reference is the adapter switched off.
         `full`: every transformer parameter trains; the reference is a frozen deep copy of the initial
-        weights (twice the transformer's memory).
+        weights (twice the transformer's memory), kept only with `keep_reference` (a KL term or AEGPO's dE
+        needs it; a FLUX.1-dev learner saves 24 GB without it).
         """
         if self.finetune_mode is not None:
             raise RuntimeError(f"finetuning is already set up ({self.finetune_mode})")
@@ -332,7 +334,8 @@ class FlowPolicy:
             self.transformer.add_adapter(config)
             cast_training_params(self.transformer, dtype=torch.float32)
         elif mode == "full":
-            self._reference_transformer = copy.deepcopy(self.transformer).requires_grad_(False).eval()
+            if keep_reference:
+                self._reference_transformer = copy.deepcopy(self.transformer).requires_grad_(False).eval()
             self.transformer.requires_grad_(True)
         else:
             raise ValueError(f"finetune mode must be 'lora' or 'full', got {mode!r}")
@@ -359,6 +362,8 @@ class FlowPolicy:
             finally:
                 self.transformer.enable_adapters()
         elif self.finetune_mode == "full":
+            if self._reference_transformer is None:
+                raise RuntimeError("no reference policy was kept (setup_finetune(keep_reference=False))")
             self._use_reference = True
             try:
                 yield

@@ -3,7 +3,7 @@
 This is the only module of egrpo that imports deepspeed (lazily, so that importing it to get `LearnerActor` or
 `slice_for_ranks` costs nothing).
 
-`DeepSpeedLearner` computes exactly what `GRPOLearner` computes (it overrides `apply_gradients` and nothing of
+`DeepSpeedLearner` computes exactly what `GRPOLearner` computes (it overrides `backward` and `step` and nothing of
 the algorithm); DeepSpeed averages the gradients of the ranks and, for ZeRO 1/2/3, shards the optimiser
 state (and gradients, and weights). Each rank gets an equal slice of every minibatch (`slice_for_ranks`), so
 the averaged gradient is the full minibatch's mean gradient and all ranks take the same number of steps.
@@ -165,7 +165,8 @@ class DeepSpeedLearner(GRPOLearner):
         torch.distributed.init_process_group(backend, rank=settings.rank, world_size=settings.world_size,
                                              timeout=timedelta(seconds=settings.timeout_s))
         config = {
-            "train_micro_batch_size_per_gpu": 1,  # we drive steps ourselves: one engine.step per minibatch
+            # we drive accumulation ourselves: backward per micro-batch, the boundary set explicitly
+            "train_micro_batch_size_per_gpu": 1,
             "gradient_accumulation_steps": 1,
             "gradient_clipping": float(train_cfg.max_grad_norm),
             "zero_optimization": {"stage": settings.zero_stage},
@@ -198,10 +199,15 @@ class DeepSpeedLearner(GRPOLearner):
         with self._through_engine():
             return super().train_iteration(minibatches)
 
-    def apply_gradients(self, loss: torch.Tensor) -> float:
-        """engine.backward (all-reduces / reduce-scatters the gradients), engine.step (clips, steps).
-        Returns the global gradient norm before clipping, as `GRPOLearner` does."""
+    def backward(self, loss: torch.Tensor, last_micro_batch: bool) -> None:
+        """engine.backward; the gradients are all-reduced / reduce-scattered at the last micro-batch of a
+        minibatch (the accumulation boundary, set explicitly because minibatches differ in micro-batches)."""
+        self.engine.set_gradient_accumulation_boundary(last_micro_batch)
         self.engine.backward(loss)
+
+    def step(self) -> float:
+        """engine.step (clips, steps, clears the gradients). Returns the global gradient norm before
+        clipping, as `GRPOLearner` does."""
         norm = None
         if self.settings.zero_stage == 0 and not self.settings.bf16:
             # Plain data parallel: the averaged gradients are on the parameters now; DeepSpeed's own
