@@ -29,6 +29,12 @@ def check_input_files(cfg) -> None:
             load_prompts(spec)
         except (FileNotFoundError, ValueError) as e:
             raise ConfigError(f"{key}: {e}") from None
+    if cfg.rewards.runtime_env:
+        import yaml
+
+        env_file = Path(cfg.rewards.runtime_env)
+        if not env_file.is_file() or not isinstance(yaml.safe_load(env_file.read_text()), dict):
+            raise ConfigError(f"rewards.runtime_env: {env_file} is not a YAML file with a runtime_env mapping")
     if cfg.model.path != "toy" and not Path(cfg.model.path).expanduser().is_dir():
         raise ConfigError(f"model.path: {cfg.model.path} is not a folder (a local diffusers pipeline)")
     for model in dict.fromkeys(reward_model_for(name) for name in cfg.rewards.weights):

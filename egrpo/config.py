@@ -47,8 +47,12 @@ class ModelConfig:
         ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"),
         "module-name suffixes that get LoRA adapters, or presets: attention, flux, sd3 (egrpo/models/policy.py)",
     )
+    learner_text_encoders: bool = _f(
+        True, "false: learners free their text encoders (FLUX: ~9.5 GB) and get prompt embeddings from the rollouts"
+    )
     gradient_checkpointing: bool = _f(False, "recompute the transformer's activations in the backward pass (less memory)")
     guidance: float = _f(3.5, "distilled guidance scale (FLUX.1-dev); ignored by models without guidance embedding")
+    cfg_scale: float = _f(1.0, "classifier-free guidance scale for SD3 (1 = off); sampling and training both use it")
     height: int = _f(0, "image height in pixels; 0 = the model folder's default")
     width: int = _f(0, "image width in pixels; 0 = the model folder's default")
     max_sequence_length: int = _f(0, "T5 tokens per prompt; 0 = the model folder's egrpo.json, else 512")
@@ -137,6 +141,9 @@ class RewardConfig:
     )
     paths: dict[str, str] = _f(
         {}, "reward model -> local weights (folder or file; layouts in egrpo/rewards/), e.g. pickscore: /data/PickScore_v1"
+    )
+    runtime_env: str = _f(
+        "", "YAML file with a Ray runtime_env for the reward servers (e.g. pip packages a reward needs); '' = the job's"
     )
     combine: Literal["per_reward", "weighted_sum"] = _f(
         "per_reward", "normalise each reward in its group then sum with weights, or normalise the weighted sum"
@@ -388,6 +395,7 @@ def validate(cfg: Config) -> None:
     _require(t.eval_prompts >= 1, "train.eval_prompts", "must be >= 1")
     _require(t.eval_seeds >= 1, "train.eval_seeds", "must be >= 1")
     _require(cfg.model.lora_rank >= 1, "model.lora_rank", "must be >= 1")
+    _require(cfg.model.cfg_scale >= 1, "model.cfg_scale", "must be >= 1 (1 = no classifier-free guidance)")
     _require(cfg.model.height >= 0 and cfg.model.width >= 0, "model.height", "must be >= 0")
     _require(bool(cfg.rewards.weights), "rewards.weights", "name at least one reward")
     from egrpo.rewards.base import REWARD_MODELS, REWARD_NAMES  # the registry imports no model code

@@ -52,6 +52,7 @@ def load_policy(cfg: Config, device: torch.device | None = None):
     policy = FlowPolicy.from_pretrained(
         resolve_model_path(m.path), device=device or pick_device(cfg.run.device), dtype=getattr(torch, m.dtype),
         height=m.height, width=m.width, guidance=m.guidance, max_sequence_length=m.max_sequence_length,
+        cfg_scale=m.cfg_scale,
     )
     with torch.random.fork_rng(devices=[]):  # the LoRA init is the same in every process (learners, workers)
         torch.manual_seed(cfg.run.seed)

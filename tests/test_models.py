@@ -298,3 +298,35 @@ def test_lora_presets_adapt_attention_and_mlps_and_checkpointing_keeps_gradients
     assert policy.transformer.is_gradient_checkpointing
     for g, c in zip(plain, gradients(), strict=True):
         torch.testing.assert_close(c, g, atol=1e-6, rtol=1e-5)
+
+
+def test_sd3_classifier_free_guidance_reproduces_the_pipeline(folders: dict[str, Path]) -> None:
+    steps, scale = 3, 4.5
+    policy = load(folders["sd3"], cfg_scale=scale)
+    result = run_plan(policy, ode_plan(PROMPTS, [0, 1], steps), SamplerSettings(sigma_schedule(steps, shift=3.0),
+                                                                              NoiseSpec("flow_grpo", 0.7)))
+    expected = policy.pipe(prompt=PROMPTS, latents=policy.initial_noise([0, 1]), num_inference_steps=steps,
+                           height=SIZE, width=SIZE, max_sequence_length=MAX_SEQ, output_type="latent",
+                           guidance_scale=scale, sigmas=np.linspace(1.0, 1 / steps, steps)).images
+    with torch.no_grad():
+        torch.testing.assert_close(result.samples["images"], policy.decode(expected), atol=1e-5, rtol=0)
+        without = run_plan(load(folders["sd3"]), ode_plan(PROMPTS, [0, 1], steps), SamplerSettings(
+            sigma_schedule(steps, shift=3.0), NoiseSpec("flow_grpo", 0.7))).samples["images"]
+    assert not torch.allclose(without, result.samples["images"], atol=1e-3)  # guidance changed the samples
+    with pytest.raises(ValueError, match="for SD3"):
+        load(folders["flux"], cfg_scale=2.0)
+
+
+def test_a_policy_without_text_encoders_uses_handed_embeddings(folders: dict[str, Path]) -> None:
+    for name, scale in (("flux", 1.0), ("sd3", 3.0)):
+        source, lean = load(folders[name], cfg_scale=scale), load(folders[name], cfg_scale=scale)
+        lean.free_text_encoders()
+        with pytest.raises(RuntimeError, match="text encoders were freed"):
+            lean.encode_prompts(PROMPTS)
+        embeddings = source.prompt_embeddings(PROMPTS + PROMPTS[:1])
+        assert list(embeddings) == PROMPTS + ([""] if scale != 1.0 else [])  # the empty prompt for CFG
+        lean.add_embeddings(embeddings)
+        x = source.initial_noise([0, 1])
+        with torch.no_grad():
+            assert torch.equal(lean.velocity(x, 0.5, lean.encode_prompts(PROMPTS)),
+                               source.velocity(x, 0.5, source.encode_prompts(PROMPTS)))

@@ -37,6 +37,7 @@ CLAIMS = {
                         "aegpo.merge": True, "egrpo.tau": 2.2, "rewards.weights": {"hpsv2": 1.0}},
     "sd35-egrpo.yaml": {"model.path": "/data/models/stable-diffusion-3.5-medium", "model.finetune": "lora",
                         "model.lora_rank": 32, "model.lora_alpha": 64.0, "model.height": 512, "model.width": 512,
+                        "model.cfg_scale": 4.5,
                         "plan.method": "egrpo", "sampler.steps": 10, "sampler.noise": "flow_grpo",
                         "sampler.noise_level": 0.7, "egrpo.active_steps": 5, "egrpo.tau": 2.2, "train.lr": 3e-4,
                         "train.kl_beta": 0.01, "rewards.weights": {"pickscore": 1.0}},

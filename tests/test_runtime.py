@@ -2,6 +2,7 @@
 killed actors, and refuses impossible clusters quickly."""
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -149,6 +150,40 @@ def test_weight_sync_reaches_every_rollout_worker_intact(tmp_path, local_ray, fi
     assert metrics["weights_version"] == 1 and metrics["staleness/max"] == 0
     # LoRA goes through the object store, full weights by torch.distributed broadcast (runtime.weight_sync=auto)
     assert (trainer.weights is None) == (finetune == "full")
+
+
+def test_learners_without_text_encoders_train_on_embeddings_from_the_rollouts(tmp_path, local_ray):
+    reference = Trainer(_config(tmp_path / "local", "runtime.backend=local", "train.iterations=1"))
+    reference.run()
+    cfg = _config(tmp_path / "ray", "train.iterations=1", "model.learner_text_encoders=false")
+    trainer = RayTrainer(cfg)
+    try:
+        metrics = trainer.iteration(0)
+        encoder = ray.get(trainer.learners.actors[0].__ray_call__.remote(
+            lambda self: self.learner.policy.pipe.text_encoder))
+    finally:
+        trainer.close()
+    assert encoder is None  # freed
+    local = _records(reference.cfg)[1]
+    assert metrics["train/first_ratio_max_dev"] == 0.0
+    assert metrics["train/policy_loss"] == pytest.approx(local["train/policy_loss"], rel=1e-4, abs=1e-9)
+    assert metrics["train/grad_norm"] == pytest.approx(local["train/grad_norm"], rel=1e-4)
+
+
+def test_reward_servers_run_in_their_own_runtime_env(tmp_path, local_ray):
+    env_file = tmp_path / "reward_env.yaml"  # what a reward with its own packages would give (pip, conda, ...)
+    env_file.write_text("env_vars:\n  EGRPO_REWARD_ENV: own\n")
+    cfg = _config(tmp_path, "train.iterations=1", f"rewards.runtime_env={env_file}")
+    trainer = RayTrainer(cfg)
+    try:
+        def read(actor):
+            return ray.get(actor.__ray_call__.remote(lambda self: os.environ.get("EGRPO_REWARD_ENV")))
+
+        assert read(trainer.reward.actors[0]) == "own"
+        assert read(trainer.rollout.actors[0]) is None
+        assert trainer.iteration(0)["samples/received"] > 0  # and it scores as before
+    finally:
+        trainer.close()
 
 
 def test_full_weight_broadcast_survives_a_restarted_rollout_worker(tmp_path, local_ray):

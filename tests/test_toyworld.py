@@ -172,7 +172,7 @@ def test_registry_resolves_and_builds_each_model_once():
     assert REWARD_NAMES["toy"] == ToyReward.names
     assert reward_model_for("toy_colour") == "toy"
     with pytest.raises(ValueError, match="toy_shape"):  # the message lists the known names
-        reward_model_for("aesthetic")
+        reward_model_for("toy_size")
     models = build_reward_models(["toy_shape", "toy_colour"])
     assert len(models) == 1 and isinstance(models[0], ToyReward)
 

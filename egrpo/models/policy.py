@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import json
+from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -54,6 +55,7 @@ DEFAULT_LORA_TARGETS: tuple[str, ...] = (
     "add_v_proj",
     "to_add_out",
 )
+PROMPT_CACHE_SIZE = 256  # prompts whose conditioning a policy keeps (FLUX: 4 MB each)
 _FEED_FORWARD = ("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2")
 # Names that `model.lora_targets` may use for a family's attention and MLP projections together (Flow-GRPO's
 # SD3 LoRA adapts attention only: the `attention` preset); any other entry is a module-name suffix, as peft
@@ -83,9 +85,13 @@ class FlowPolicy:
         guidance: float = 3.5,
         max_sequence_length: int = 512,
         pixel_unshuffle: int | None = None,
+        cfg_scale: float = 1.0,
     ) -> None:
         """Wrap a loaded pipeline; most callers want `from_pretrained`. `pixel_unshuffle` is required exactly
-        when the pipeline has no VAE."""
+        when the pipeline has no VAE. `cfg_scale` > 1 turns on classifier-free guidance (SD3 only: FLUX.1-dev's
+        guidance is distilled into `guidance`)."""
+        if cfg_scale != 1.0 and family != "sd3":
+            raise ValueError(f"classifier-free guidance (cfg_scale={cfg_scale}) is for SD3; FLUX uses `guidance`")
         self.family: Family = family
         self.pipe = pipe
         self.transformer: torch.nn.Module = pipe.transformer
@@ -93,6 +99,7 @@ class FlowPolicy:
         self.dtype: torch.dtype = pipe.transformer.dtype
         self.height, self.width = height, width
         self.guidance = guidance
+        self.cfg_scale = cfg_scale
         self.max_sequence_length = max_sequence_length
         self.pixel_unshuffle = pixel_unshuffle
 
@@ -128,7 +135,7 @@ class FlowPolicy:
         self.finetune_mode: FinetuneMode | None = None
         self._reference_transformer: torch.nn.Module | None = None
         self._use_reference = False
-        self._prompt_cache: dict[str, dict[str, torch.Tensor]] = {}
+        self._prompt_cache: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
 
     @classmethod
     def from_pretrained(
@@ -141,6 +148,7 @@ class FlowPolicy:
         width: int = 0,
         guidance: float = 3.5,
         max_sequence_length: int = 0,
+        cfg_scale: float = 1.0,
     ) -> FlowPolicy:
         """Load a diffusers FLUX or SD3 folder from local disk (never the hub).
 
@@ -177,6 +185,7 @@ class FlowPolicy:
             guidance=guidance,
             max_sequence_length=max_sequence_length or settings.get("max_sequence_length") or 512,
             pixel_unshuffle=pixel_unshuffle,
+            cfg_scale=cfg_scale,
         )
 
     # ----------------------------------------------------------------------------------------- conditioning
@@ -186,18 +195,47 @@ class FlowPolicy:
         concatenate it freely): FLUX `encoder_hidden_states`, `pooled_projections`, `txt_ids`; SD3
         `encoder_hidden_states`, `pooled_projections`.
 
-        Computed by the pipeline's own `encode_prompt`, once per distinct prompt for the policy's lifetime:
+        Computed by the pipeline's own `encode_prompt`, once per distinct prompt while it stays in the cache:
         the text encoders are frozen, and re-encoding every rollout would cost as much as a denoising step.
-        The cache lives on the policy's device and is never evicted.
+        The cache lives on the policy's device and keeps the PROMPT_CACHE_SIZE most recently used prompts
+        (a FLUX prompt's T5 states are 4 MB; a dataset's worth would not fit).
         """
         new = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache]
         if new:
+            if self.pipe.text_encoder is None:
+                raise RuntimeError(f"the text encoders were freed and {len(new)} prompts are not cached "
+                                   f"(e.g. {new[0]!r}); add their embeddings with add_embeddings first")
             with torch.no_grad():
                 encoded = self._encode(new)
-            for i, prompt in enumerate(new):
-                self._prompt_cache[prompt] = {key: value[i] for key, value in encoded.items()}
+            self.add_embeddings({prompt: {key: value[i] for key, value in encoded.items()}
+                                 for i, prompt in enumerate(new)})
+        for p in prompts:
+            self._prompt_cache.move_to_end(p)
         keys = self._prompt_cache[prompts[0]].keys()
         return {key: torch.stack([self._prompt_cache[p][key] for p in prompts]) for key in keys}
+
+    def add_embeddings(self, embeddings: dict[str, dict[str, torch.Tensor]]) -> None:
+        """Put prompts' conditioning (as `prompt_embeddings` returns it) into the cache."""
+        for prompt, cond in embeddings.items():
+            self._prompt_cache[prompt] = {key: value.to(self.device) for key, value in cond.items()}
+            self._prompt_cache.move_to_end(prompt)
+        while len(self._prompt_cache) > PROMPT_CACHE_SIZE:
+            self._prompt_cache.popitem(last=False)
+
+    def prompt_embeddings(self, prompts: list[str]) -> dict[str, dict[str, torch.Tensor]]:
+        """Each distinct prompt's conditioning on the CPU, to hand to a policy without text encoders. With
+        classifier-free guidance the empty prompt comes along."""
+        wanted = list(dict.fromkeys(prompts + ([""] if self.cfg_scale != 1.0 else [])))
+        cond = self.encode_prompts(wanted)
+        return {p: {key: value[i].cpu() for key, value in cond.items()} for i, p in enumerate(wanted)}
+
+    def free_text_encoders(self) -> None:
+        """Drop the text encoders (T5-XXL is ~9.5 GB in bf16); prompts must then arrive by `add_embeddings`."""
+        for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+            if getattr(self.pipe, name, None) is not None:
+                setattr(self.pipe, name, None)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def _encode(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         if self.family == "flux":
@@ -294,7 +332,7 @@ class FlowPolicy:
                 img_ids=self._img_ids,
                 return_dict=False,
             )[0]
-        else:
+        elif self.cfg_scale == 1.0:
             out = model(
                 hidden_states=hidden,
                 timestep=sigma * 1000,
@@ -302,6 +340,18 @@ class FlowPolicy:
                 pooled_projections=pooled,
                 return_dict=False,
             )[0]
+        else:  # v = v_uncond + s (v_cond - v_uncond), the unconditional half on the empty prompt (diffusers' default)
+            empty = self.encode_prompts([""])
+            out = model(
+                hidden_states=torch.cat([hidden, hidden]),
+                timestep=torch.cat([sigma, sigma]) * 1000,
+                encoder_hidden_states=torch.cat([empty["encoder_hidden_states"].to(self.dtype).expand_as(embeds),
+                                                 embeds]),
+                pooled_projections=torch.cat([empty["pooled_projections"].to(self.dtype).expand_as(pooled), pooled]),
+                return_dict=False,
+            )[0]
+            uncond, cond_out = out.chunk(2)
+            out = uncond + self.cfg_scale * (cond_out - uncond)
         return out.float()
 
     # ---------------------------------------------------------------------------------------------- training

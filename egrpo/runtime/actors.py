@@ -43,6 +43,7 @@ class RolloutShard:
     weights_version: int
     worker: str
     seconds: float
+    embeddings: dict[str, dict[str, torch.Tensor]]  # its prompts' conditioning, for learners without encoders
 
 
 @ray.remote(max_restarts=-1, max_task_retries=-1)
@@ -54,6 +55,7 @@ class RolloutWorker:
         self.policy = load_policy(cfg)
         self.settings = sampler_settings(cfg)
         self.probe_settings = probe_settings(cfg)
+        self.ship_embeddings = not cfg.model.learner_text_encoders
         self.version = -1  # initial weights; version 0 is the learners' first broadcast
         self.bucket_bytes = int(cfg.runtime.sync_bucket_mb * 2**20)
         self.group, self.generation = None, -1  # full-weight broadcast group (egrpo.runtime.weight_sync)
@@ -87,8 +89,9 @@ class RolloutWorker:
         self.sync(weights, version)
         start = time.perf_counter()
         result = run_plan(self.policy, plans, self.settings)
+        embeddings = self.policy.prompt_embeddings([p.prompt for p in plans]) if self.ship_embeddings else {}
         return RolloutShard(sample_ids, result, self.version, ray.get_runtime_context().get_actor_id(),
-                            time.perf_counter() - start)
+                            time.perf_counter() - start, embeddings)
 
     def probe(self, requests: list[ProbeRequest], weights: list, version: int) -> ProbeResult:
         """AEGPO's anchor pass with attention-entropy probes (egrpo.sampling.rollout.probe_entropies)."""

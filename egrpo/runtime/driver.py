@@ -22,6 +22,7 @@ from typing import Any
 
 import ray
 import torch
+import yaml
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
@@ -124,7 +125,7 @@ class ActorGroup:
     """N actors of one role in a placement group (PACK or SPREAD), named `<role>-<i>` for the dashboard."""
 
     def __init__(self, role: str, actor_class, count: int, cpus: float, gpus: float, strategy: str,
-                 timeout_s: float, *args: Any) -> None:
+                 timeout_s: float, *args: Any, runtime_env: dict[str, Any] | None = None) -> None:
         self.role = role
         self.pg = placement_group([{"CPU": cpus, "GPU": gpus} if gpus else {"CPU": cpus}] * count,
                                   strategy=strategy, name=f"egrpo-{role}")
@@ -134,7 +135,7 @@ class ActorGroup:
                                f"cluster resources: {ray.cluster_resources()}")
         self.actors = [
             actor_class.options(
-                name=f"{role}-{i}", num_cpus=cpus, num_gpus=gpus,
+                name=f"{role}-{i}", num_cpus=cpus, num_gpus=gpus, runtime_env=runtime_env,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
             ).remote(*args)
             for i in range(count)
@@ -183,8 +184,9 @@ class RayTrainer(TrainingLoop):
         self.scheduler = BudgetScheduler.options(name="scheduler", scheduling_strategy=here).remote(cfg)
         self.rollout = ActorGroup("rollout", RolloutWorker, *roles["rollout"], r.placement, timeout, cfg,
                                   roles["rollout"][1])
+        reward_env = yaml.safe_load(Path(cfg.rewards.runtime_env).read_text()) if cfg.rewards.runtime_env else None
         self.reward = ActorGroup("reward", RewardServer, *roles["reward"], r.placement, timeout, cfg,
-                                 roles["reward"][1])
+                                 roles["reward"][1], runtime_env=reward_env)
         self.learners = ActorGroup("learner", LearnerActor, *roles["learner"], r.placement, timeout, cfg,
                                    roles["learner"][1])
         self._setup_learners()
@@ -352,7 +354,11 @@ class RayTrainer(TrainingLoop):
             minibatches = make_minibatches(steps, cfg.train.batch_size, minibatch_seed(cfg, iteration),
                                            min_size=len(self.learners))
             per_rank = [ray.put(part) for part in slice_for_ranks(minibatches, len(self.learners))]
-            refs = [a.train.remote(part) for a, part in zip(self.learners.actors, per_rank, strict=True)]
+            # model.learner_text_encoders=false: the learners' prompt embeddings, put once for all ranks
+            embeddings = {p: cond for shard in shards for p, cond in shard.embeddings.items()}
+            embeddings = ray.put(embeddings) if embeddings else None
+            refs = [a.train.remote(part, embeddings)
+                    for a, part in zip(self.learners.actors, per_rank, strict=True)]
             self._prefetch(iteration + 1)
             if chaos == "learner":
                 log.warning("chaos: killing learner-0 mid-iteration")

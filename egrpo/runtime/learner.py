@@ -346,12 +346,18 @@ class LearnerActor:
     """
 
     def __init__(self, cfg: Config, cpus: float = 1.0) -> None:
-        from egrpo.trainer import load_policy
-
         torch.set_num_threads(max(1, int(cpus)))  # cpus: the actor's CPU reservation
         self.cfg = cfg
         self.learner: DeepSpeedLearner | None = None
-        self._policy = load_policy(cfg)  # loaded before the rendezvous, so ranks load in parallel
+        self._policy = self._load_policy()  # loaded before the rendezvous, so ranks load in parallel
+
+    def _load_policy(self):
+        from egrpo.trainer import load_policy
+
+        policy = load_policy(self.cfg)
+        if not self.cfg.model.learner_text_encoders:  # prompts come with each train call instead
+            policy.free_text_encoders()
+        return policy
 
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
@@ -363,11 +369,9 @@ class LearnerActor:
 
     def setup(self, settings: LearnerSettings) -> None:
         """Join the group (collective) with the policy loaded in `__init__` (after a close(): a fresh load)."""
-        from egrpo.trainer import load_policy
-
         if self.learner is not None:
             raise RuntimeError("setup was already called; close() first")
-        policy, self._policy = self._policy or load_policy(self.cfg), None
+        policy, self._policy = self._policy or self._load_policy(), None
         self.learner = DeepSpeedLearner(policy, self.cfg.train, self.cfg.sampler.logprob_reduction, settings)
 
     def _ready(self) -> DeepSpeedLearner:
@@ -375,9 +379,14 @@ class LearnerActor:
             raise RuntimeError("call setup(settings) first")
         return self.learner
 
-    def train(self, minibatches: list[Batch]) -> dict[str, float]:
-        """One iteration on this rank's slices (`slice_for_ranks`); collective."""
-        return self._ready().train_iteration(minibatches)
+    def train(self, minibatches: list[Batch], embeddings: dict[str, dict[str, torch.Tensor]] | None = None
+              ) -> dict[str, float]:
+        """One iteration on this rank's slices (`slice_for_ranks`); collective. `embeddings`: the prompts'
+        conditioning, for a learner whose text encoders were freed (`model.learner_text_encoders: false`)."""
+        learner = self._ready()
+        if embeddings:
+            learner.policy.add_embeddings(embeddings)
+        return learner.train_iteration(minibatches)
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         return self._ready().trainable_state_dict()
