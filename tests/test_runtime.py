@@ -170,6 +170,24 @@ def test_learners_without_text_encoders_train_on_embeddings_from_the_rollouts(tm
     assert metrics["train/grad_norm"] == pytest.approx(local["train/grad_norm"], rel=1e-4)
 
 
+def test_evaluation_on_ray_loads_a_checkpoint_and_matches_the_run(tmp_path, local_ray):
+    """What `egrpo eval` does on Ray: held-out rewards of the base weights, then of a checkpoint sent to the
+    rollout workers, equal the training run's own first and last evaluations."""
+    trained = _config(tmp_path / "local", "runtime.backend=local", "train.iterations=2")
+    outputs = Trainer(trained).run()
+    records = _records(trained)
+    trainer = RayTrainer(_config(tmp_path / "ray", "train.iterations=2"))
+    try:
+        base, _ = trainer.evaluate()
+        trainer.load_weights(outputs.checkpoint)
+        tuned, _ = trainer.evaluate()
+    finally:
+        trainer.close()
+    assert base["eval/reward_mean"] == pytest.approx(records[0]["eval/reward_mean"], abs=1e-5)
+    assert tuned["eval/reward_mean"] == pytest.approx(records[-1]["eval/reward_mean"], abs=1e-5)
+    assert base["eval/reward_mean"] != tuned["eval/reward_mean"]
+
+
 def test_reward_servers_run_in_their_own_runtime_env(tmp_path, local_ray):
     env_file = tmp_path / "reward_env.yaml"  # what a reward with its own packages would give (pip, conda, ...)
     env_file.write_text("env_vars:\n  EGRPO_REWARD_ENV: own\n")
