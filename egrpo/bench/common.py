@@ -23,13 +23,14 @@ def recipe(method: str) -> Path:
     return RECIPES / f"toy-{method}.yaml"
 
 
-def synchronize(device: torch.device | None) -> None:
+def _synchronize(device: torch.device | None) -> None:
     """Wait for queued GPU work, so that a timer read afterwards covers it."""
     if device is not None and device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def median_seconds(fn: Callable[[], Any], repeats: int, warmup: int = 1, device: torch.device | None = None) -> float:
+def median_seconds(fn: Callable[[], Any], repeats: int, warmup: int = 1,
+                   device: torch.device | None = None) -> float:
     """Median wall-clock seconds of `fn()` over `repeats` calls after `warmup` untimed ones (waiting for
     `device`'s queued work, on a GPU). The median, because the machines are shared: a neighbour's burst lands
     in a few calls, not in all of them."""
@@ -37,10 +38,10 @@ def median_seconds(fn: Callable[[], Any], repeats: int, warmup: int = 1, device:
         fn()
     times = []
     for _ in range(repeats):
-        synchronize(device)
+        _synchronize(device)
         start = time.perf_counter()
         fn()
-        synchronize(device)
+        _synchronize(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -72,7 +73,7 @@ def machine() -> dict[str, Any]:
 
 def describe_machine(info: dict[str, Any]) -> str:
     gpu = info.get("gpu", "no GPU")
-    return f"{info['cpu']}, {info['cpus']} CPUs ({info['torch_threads']} torch thread), {gpu}, torch {info['torch']}"
+    return f"{info['cpu']}, {info['cpus']} CPUs, torch threads {info['torch_threads']}, {gpu}, torch {info['torch']}"
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

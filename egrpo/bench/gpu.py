@@ -70,7 +70,8 @@ def flux_policy(spec: FluxSpec, device: torch.device, dtype: torch.dtype) -> Flo
     with torch.device(device), _default_dtype(dtype):
         pipe = build_flux_pipeline(num_layers=spec.layers, num_single_layers=spec.single_layers,
                                    num_attention_heads=spec.heads, attention_head_dim=spec.head_dim,
-                                   text_dim=spec.text_dim, guidance_embeds=True, vae=False, pixel_unshuffle=PIXEL_UNSHUFFLE)
+                                   text_dim=spec.text_dim, guidance_embeds=True, vae=False,
+                                   pixel_unshuffle=PIXEL_UNSHUFFLE)
     side = 4 * math.isqrt(spec.image_tokens)  # pixel-unshuffle by 2, then FLUX's 2x2 packing
     return FlowPolicy(pipe, family="flux", height=side, width=side, max_sequence_length=spec.text_tokens,
                       pixel_unshuffle=PIXEL_UNSHUFFLE)

@@ -46,6 +46,8 @@ from egrpo.bench.common import (
     table,
     write_summary,
 )
+from egrpo.bench.gpu import FLUX_DEV, flux_measurements
+from egrpo.bench.gpu import report as gpu_report
 from egrpo.bench.sync import MiB, measure_sync, sync_states
 from egrpo.config import Config, load_config
 from egrpo.data.prompts import load_prompts
@@ -328,12 +330,10 @@ def report(summary: dict[str, Any]) -> str:
                        [[r["method"], r["prompts"], r["samples"], r["plan_ms"],
                          *(r[f"split_ms_{w}_workers"] for w in workers)] for r in summary["scheduler"]]))
     gpu = summary["gpu"]
-    if gpu is not None:
-        lines += ["", "FLUX-sized transformer on the GPU:" if "skipped" not in gpu else f"--gpu: {gpu['skipped']}"]
-        if "skipped" not in gpu:
-            from egrpo.bench.gpu import report as gpu_report
-
-            lines.append(gpu_report(gpu))
+    if gpu is not None and "skipped" in gpu:
+        lines += ["", f"--gpu: {gpu['skipped']}"]
+    elif gpu is not None:
+        lines += ["", "FLUX-sized transformer on the GPU:", gpu_report(gpu)]
     return "\n".join(lines)
 
 
@@ -358,12 +358,10 @@ def main(quick: bool = False, gpu: bool = False, out: Path = Path("runs/bench/sy
             ray.shutdown()
     summary["gpu"] = None
     if gpu:
-        from egrpo.bench.gpu import FLUX_DEV, flux_measurements
-
         if torch.cuda.is_available():
             summary["gpu"] = flux_measurements(FLUX_DEV, torch.device("cuda"), torch.bfloat16, quick)
         else:
-            summary["gpu"] = {"skipped": "CUDA is not available on this machine; the FLUX-sized section did not run"}
+            summary["gpu"] = {"skipped": "CUDA is not available on this machine: the FLUX-sized section did not run"}
     summary["figures"] = {
         "phases": str(plot_phases(summary["runtime"], out / "phases.png")),
         "weight_sync": str(plot_sync(summary["weight_sync"], out / "weight_sync.png")),

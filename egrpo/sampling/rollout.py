@@ -17,7 +17,7 @@ import torch
 
 from egrpo.batch import Batch
 from egrpo.sampling.plans import SamplePlan
-from egrpo.sampling.steps import NoiseSpec, ode_step, sde_logprob, sde_mean, x0_from_velocity
+from egrpo.sampling.steps import NoiseSpec, ode_step, per_sample, sde_logprob, sde_mean, x0_from_velocity
 
 
 class VelocityModel(Protocol):
@@ -133,7 +133,7 @@ def run_plan(policy: VelocityModel, plans: list[SamplePlan], settings: SamplerSe
                           else torch.zeros(policy.latent_shape) for k, s in zip(rows, steps, strict=True)])
         std = g * (sigma - sigma_next).abs().sqrt()
         mean = sde_mean(x_in, v, sigma, sigma_next, g)  # g = 0 (ODE rows) gives the Euler step exactly
-        x_out = mean + std.reshape(-1, *([1] * (x_in.ndim - 1))) * xi.to(x_in)
+        x_out = mean + per_sample(std, x_in) * xi.to(x_in)  # per_sample: std is built on the CPU
         x0_last[rows] = x0_from_velocity(x_in, v, sigma)
 
         trained = [j for j, s in enumerate(steps) if s.train]
