@@ -11,6 +11,7 @@ from pathlib import Path
 import ray
 import torch
 
+from egrpo import cli
 from egrpo.bench import algorithms, system
 from egrpo.bench.gpu import TINY, flux_measurements
 
@@ -43,7 +44,7 @@ def _summary(out: Path) -> dict:
 
 
 def test_algorithms_quick(tmp_path, capsys):
-    assert algorithms.main(quick=True, seeds=None, out=tmp_path) == 0
+    assert cli.main(["bench", "algorithms", "--quick", "--out", str(tmp_path)]) == 0  # through the command
     summary = _summary(tmp_path)
     assert list(summary["methods"]) == list(algorithms.METHODS)
     _assert_finite(summary)
