@@ -101,8 +101,8 @@ class AegpoConfig:
     g_high: int = _f(16, "median_split: weight of prompts with dE at or above the median")
     g_low: int = _f(8, "median_split: weight of the other prompts")
     alpha: float = _f(1.0, "proportional: G_i ~ dE_i ** alpha")
-    g_min: int = _f(2, "fewest rollouts per exploration step a prompt gets")
-    g_max: int = _f(32, "most rollouts per exploration step a prompt gets")
+    g_min: int = _f(2, "fewest rollouts (group size) a prompt gets")
+    g_max: int = _f(32, "most rollouts (group size) a prompt gets")
     peaks: int = _f(4, "k: explore at the top-k local maxima of the attention entropy E(t)")
     peak_steps: int = _f(
         0, "peaks are sought in E(t) over the first N steps; 0 = steps / 2 (late steps teach little: E-GRPO)"
@@ -222,7 +222,7 @@ class Config:
 
     @property
     def aegpo_peak_steps(self) -> int:
-        return self.aegpo.peak_steps or self.sampler.steps // 2
+        return self.aegpo.peak_steps or max(1, self.sampler.steps // 2)
 
 
 # ----------------------------------------------------------------------------- building from dicts
@@ -372,16 +372,17 @@ def validate(cfg: Config) -> None:
     _require(0 <= cfg.mix.start <= s.steps - cfg.mix.window, "mix.start", "window must fit inside the steps")
     _require(cfg.mix.move_every >= 1, "mix.move_every", "must be >= 1")
     a = cfg.aegpo
-    _require(a.g_min >= 2, "aegpo.g_min", f"must be >= 2 (advantages need a group), got {a.g_min}")
-    _require(
-        a.g_min <= p.group_size <= a.g_max, "aegpo.g_max",
-        f"[aegpo.g_min, aegpo.g_max] = [{a.g_min}, {a.g_max}] must contain plan.group_size={p.group_size}",
-    )
-    _require(a.g_high >= 1 and a.g_low >= 1, "aegpo.g_high", "g_high and g_low must be >= 1")
-    _require(a.alpha > 0, "aegpo.alpha", "must be > 0")
-    _require(a.peaks >= 1, "aegpo.peaks", f"must be >= 1, got {a.peaks}")
-    _require(0 <= a.peak_steps <= s.steps, "aegpo.peak_steps", f"must be in [0, sampler.steps={s.steps}]")
-    _require(a.probe_rows >= 1 and a.probe_chunk >= 1, "aegpo.probe_rows", "probe_rows and probe_chunk must be >= 1")
+    if p.method == "aegpo":
+        _require(a.g_min >= 2, "aegpo.g_min", f"must be >= 2 (advantages need a group), got {a.g_min}")
+        _require(
+            a.g_min <= p.group_size <= a.g_max, "aegpo.g_max",
+            f"[aegpo.g_min, aegpo.g_max] = [{a.g_min}, {a.g_max}] must contain plan.group_size={p.group_size}",
+        )
+        _require(a.g_high >= 1 and a.g_low >= 1, "aegpo.g_high", "g_high and g_low must be >= 1")
+        _require(a.alpha > 0, "aegpo.alpha", "must be > 0")
+        _require(a.peaks >= 1, "aegpo.peaks", f"must be >= 1, got {a.peaks}")
+        _require(0 <= a.peak_steps <= s.steps, "aegpo.peak_steps", f"must be in [0, sampler.steps={s.steps}]")
+        _require(a.probe_rows >= 1 and a.probe_chunk >= 1, "aegpo.probe_rows", "probe_rows and probe_chunk must be >= 1")
     _require(t.iterations >= 1, "train.iterations", f"must be >= 1, got {t.iterations}")
     _require(t.lr > 0, "train.lr", "must be > 0")
     _require(t.clip_range > 0, "train.clip_range", "must be > 0")

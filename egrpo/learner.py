@@ -1,7 +1,8 @@
 """The learner's work for one iteration, as a plain object: minibatches, old log-probs, clipped updates.
 
 The in-process loop uses it with a torch optimiser; `runtime/learner` wraps the same object in a DeepSpeed
-engine by overriding `backward` and `step` (and nothing else), so both compute the same algorithm.
+engine by overriding `backward` and `step` (and nothing of the loss or the minibatch logic), so both compute
+the same algorithm.
 """
 
 from __future__ import annotations

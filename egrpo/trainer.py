@@ -45,7 +45,9 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def load_policy(cfg: Config, device: torch.device | None = None):
+def load_policy(cfg: Config, device: torch.device | None = None, keep_reference: bool | None = None):
+    """The configured policy, finetuning set up. `keep_reference`: whether this process reads the reference
+    policy (a full-weight copy under full finetuning); default: when anything in the run does (KL, AEGPO)."""
     from egrpo.models.policy import FlowPolicy
 
     m = cfg.model
@@ -56,10 +58,10 @@ def load_policy(cfg: Config, device: torch.device | None = None):
     )
     with torch.random.fork_rng(devices=[]):  # the LoRA init is the same in every process (learners, workers)
         torch.manual_seed(cfg.run.seed)
-        # a full-weight reference copy only where something reads the reference policy
-        needs_reference = cfg.train.kl_beta > 0 or cfg.plan.method == "aegpo"
+        if keep_reference is None:
+            keep_reference = cfg.train.kl_beta > 0 or cfg.plan.method == "aegpo"
         policy.setup_finetune(m.finetune, rank=m.lora_rank, alpha=m.lora_alpha, targets=m.lora_targets,
-                              keep_reference=needs_reference)
+                              keep_reference=keep_reference)
     if m.gradient_checkpointing:
         policy.transformer.enable_gradient_checkpointing()
     return policy

@@ -147,6 +147,10 @@ def test_aegpo_plan_with_merge_uses_egrpo_merge_lengths():
     assert skipped[0].explore_steps == (3,)
 
 
+def test_aegpo_settings_are_checked_only_for_aegpo():
+    assert load_config("launch/configs/toy-egrpo.yaml", ["plan.group_size=48"]).plan.group_size == 48
+
+
 def test_aegpo_config_errors_name_the_key():
     with pytest.raises(ConfigError, match="aegpo.g_max"):
         _aegpo_config("aegpo.g_max=4")  # group_size 8 does not fit

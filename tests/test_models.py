@@ -330,3 +330,22 @@ def test_a_policy_without_text_encoders_uses_handed_embeddings(folders: dict[str
         with torch.no_grad():
             assert torch.equal(lean.velocity(x, 0.5, lean.encode_prompts(PROMPTS)),
                                source.velocity(x, 0.5, source.encode_prompts(PROMPTS)))
+
+
+def test_entropy_probe_with_classifier_free_guidance_reads_the_conditional_rows(folders: dict[str, Path]) -> None:
+    from egrpo.entropy.attention import ProbeSettings
+    from egrpo.sampling.rollout import ProbeRequest, probe_entropies
+
+    steps = 3
+    settings = SamplerSettings(sigma_schedule(steps, shift=3.0), NoiseSpec("flow_grpo", 0.7))
+    requests = [ProbeRequest(p, k, True) for k, p in enumerate(PROMPTS)]
+    guided = load(folders["sd3"], cfg_scale=3.0)
+    guided.setup_finetune("lora", rank=2, alpha=2.0)
+    result = probe_entropies(guided, requests, settings, ProbeSettings(rows=8))
+    assert result.entropy.shape == (2, steps) and torch.isfinite(result.entropy).all()
+    assert torch.equal(result.entropy, result.reference)  # an untrained adapter is its reference
+    # the values are those of the conditional half, not the unconditional one
+    plain = load(folders["sd3"])
+    plain.setup_finetune("lora", rank=2, alpha=2.0)
+    first_step = probe_entropies(plain, requests, settings, ProbeSettings(rows=8)).entropy[:, 0]
+    torch.testing.assert_close(result.entropy[:, 0], first_step)  # same input x at step 0, same prompts

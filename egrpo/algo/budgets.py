@@ -74,7 +74,7 @@ def allocate_rollouts(
     alpha: float = 1.0,
 ) -> list[int]:
     """Group size per prompt from its dE; the sum is always `total` (see the module docstring)."""
-    values = [float(d) for d in delta_entropy]
+    values = [float(d) if math.isfinite(d) else 0.0 for d in delta_entropy]  # an unmeasurable dE counts as 0
     if policy == "uniform":
         weights = [1.0] * len(values)
     elif policy == "median_split":

@@ -422,16 +422,18 @@ class FlowPolicy:
         else:
             yield
 
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """The trained weights as detached CPU tensors: the LoRA adapter (peft's keys) or the whole
-        transformer."""
+    def trainable_tensors(self) -> dict[str, torch.Tensor]:
+        """The trained weights themselves, detached but sharing storage (writing into them writes the model):
+        the LoRA adapter (peft's keys) or the whole transformer. The full-weight broadcast fills these."""
         if self.finetune_mode == "lora":
-            state = get_peft_model_state_dict(self.transformer)
-        elif self.finetune_mode == "full":
-            state = self.transformer.state_dict()
-        else:
-            raise RuntimeError("call setup_finetune first")
-        return {key: value.detach().cpu().clone() for key, value in state.items()}
+            return get_peft_model_state_dict(self.transformer)
+        if self.finetune_mode == "full":
+            return self.transformer.state_dict()
+        raise RuntimeError("call setup_finetune first")
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """A copy of `trainable_tensors` on the CPU (checkpoints, the object store)."""
+        return {key: value.detach().cpu().clone() for key, value in self.trainable_tensors().items()}
 
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Exact inverse of `trainable_state_dict`; a key that does not match is an error."""

@@ -52,7 +52,7 @@ class RolloutWorker:
         from egrpo.trainer import load_policy, probe_settings, sampler_settings
 
         _set_threads(cpus)
-        self.policy = load_policy(cfg)
+        self.policy = load_policy(cfg, keep_reference=cfg.plan.method == "aegpo")  # for E_ref; KL is the learners'
         self.settings = sampler_settings(cfg)
         self.probe_settings = probe_settings(cfg)
         self.ship_embeddings = not cfg.model.learner_text_encoders
@@ -80,9 +80,7 @@ class RolloutWorker:
 
     def receive_weights(self, version: int) -> None:
         """Collective with the learner's `broadcast_weights`: receive the full weights, stamped `version`."""
-        state = self.policy.trainable_state_dict()
-        broadcast_state(self.group, state, self.bucket_bytes, self.policy.device)
-        self.policy.load_trainable_state_dict(state)
+        broadcast_state(self.group, self.policy.trainable_tensors(), self.bucket_bytes, self.policy.device)
         self.version = version
 
     def rollout(self, plans: list[SamplePlan], sample_ids: list[int], weights: list, version: int) -> RolloutShard:
@@ -143,7 +141,7 @@ class BudgetScheduler:
     def receive(self, sample_ids: list[int]) -> None:
         self.scheduler.receive(sample_ids)
 
-    def check_complete(self) -> dict[str, int]:
+    def check_complete(self) -> dict[str, float]:
         return self.scheduler.check_complete()
 
     def state_dict(self) -> dict[str, Any]:

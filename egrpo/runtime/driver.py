@@ -193,6 +193,7 @@ class RayTrainer(TrainingLoop):
         self.version = 0
         self.weights, self.weight_store, self.generation, self.sent_checksum = None, None, -1, 0.0
         self.prefetched: tuple | None = None
+        self.state_before_prefetch = None  # the scheduler's state before an overlapped draw (checkpoints)
         if resume is not None:
             self._resume(Path(self.run_dir if resume == "auto" else resume))
         self._send_weights()
@@ -213,8 +214,7 @@ class RayTrainer(TrainingLoop):
         """Rank 0's trainable weights as version `self.version`: LoRA into the object store (the rollout
         workers fetch it with their next call), full weights broadcast to every rollout worker now. Under
         ZeRO 3 gathering the weights is a collective, so every rank is asked and rank 0's answer kept."""
-        gather = [a.trainable_state_dict.remote() for a in self.learners.actors[1:]] \
-            if self.cfg.runtime.zero_stage == 3 else []
+        gather = [a.join_gather.remote() for a in self.learners.actors[1:]] if self.cfg.runtime.zero_stage == 3 else []
         if not self.cfg.broadcast_weights:
             self.weights = self.learners.actors[0].trainable_state_dict.remote()
             ray.wait([self.weights, *gather], num_returns=1 + len(gather), timeout=self.timeout)
@@ -253,6 +253,7 @@ class RayTrainer(TrainingLoop):
         state = json.loads((folder / "state.json").read_text())
         self._get([a.load_checkpoint.remote(str(folder)) for a in self.learners.actors])
         self._get(self.scheduler.load_state_dict.remote(state["scheduler"]))
+        self.version = state.get("weights_version", 0)  # an in-process loop's checkpoint has no versions
         self.start_iteration = state["iteration"] + 1
         self.checkpoint = folder
         log.info("resumed from %s at iteration %d", folder, self.start_iteration)
@@ -394,6 +395,7 @@ class RayTrainer(TrainingLoop):
         weights of iteration k-1, so rollouts run while the learners train. Staleness becomes 1."""
         if not self.cfg.runtime.overlap or iteration >= self.cfg.train.iterations:
             return
+        self.state_before_prefetch = self.scheduler.state_dict.remote()  # actor calls run in order
         plans, probes, plan_times = self._plan(iteration)
         chaos = self.cfg.chaos.kill == "rollout" and self.cfg.chaos.at_iteration == iteration
         self.prefetched = (plans, probes, plan_times, self._submit_rollouts(plans, chaos))
@@ -418,7 +420,10 @@ class RayTrainer(TrainingLoop):
 
     def save(self, iteration: int) -> Path:
         root = self.run_dir / "checkpoints"
-        state = {"scheduler": self._get(self.scheduler.state_dict.remote()),
+        # with overlap the next iteration is already drawn: save the scheduler as it was before that draw
+        scheduler_state = self.state_before_prefetch if self.prefetched is not None else \
+            self.scheduler.state_dict.remote()
+        state = {"scheduler": self._get(scheduler_state), "weights_version": self.version,
                  "rng": "derived from run.seed and the iteration"}
         paths = self._get([a.save_checkpoint.remote(str(root), iteration, state) for a in self.learners.actors],
                           "checkpoint")

@@ -225,7 +225,7 @@ class DeepSpeedLearner(GRPOLearner):
     # ------------------------------------------------------------------------------------ state
 
     @contextmanager
-    def _gathered(self) -> Iterator[None]:
+    def gathered(self) -> Iterator[None]:
         """Under ZeRO 3, the full trainable weights on every rank inside the block (a collective; changes are
         discarded); otherwise nothing."""
         if self.settings.zero_stage == 3:
@@ -237,7 +237,7 @@ class DeepSpeedLearner(GRPOLearner):
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """`policy.trainable_state_dict()`; under ZeRO 3 the sharded trainable weights are gathered first,
         which is a collective (every rank must call it)."""
-        with self._gathered():
+        with self.gathered():
             return self.policy.trainable_state_dict()
 
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
@@ -284,7 +284,7 @@ class DeepSpeedLearner(GRPOLearner):
         staging folder (so `root` must be storage that all ranks share), rank 0 publishes it (rename, then the
         `latest` marker). Returns the published folder on every rank."""
         root = Path(root)
-        with self._gathered():
+        with self.gathered():
             if self.settings.rank == 0:
                 start_checkpoint(root, iteration, self.policy, loop_state)
         torch.distributed.barrier()  # the staging folder is fresh before any rank writes into it
@@ -354,7 +354,7 @@ class LearnerActor:
     def _load_policy(self):
         from egrpo.trainer import load_policy
 
-        policy = load_policy(self.cfg)
+        policy = load_policy(self.cfg, keep_reference=self.cfg.train.kl_beta > 0)  # AEGPO's E_ref: rollouts
         if not self.cfg.model.learner_text_encoders:  # prompts come with each train call instead
             policy.free_text_encoders()
         return policy
@@ -409,10 +409,19 @@ class LearnerActor:
 
     def broadcast_weights(self) -> float:
         """Send the trainable weights to the rollout workers (collective with their `receive_weights`; under
-        ZeRO 3 also with every learner's `trainable_state_dict`). Returns the checksum of what was sent."""
-        state = self._ready().trainable_state_dict()
-        broadcast_state(self._weight_group, state, int(self.cfg.runtime.sync_bucket_mb * 2**20), self._weight_device)
-        return weights_checksum(state)
+        ZeRO 3 also with the other learners' `join_gather`), straight from the parameters. Returns the
+        checksum of what was sent when `runtime.sync_check` asks for it (a float64 pass over every weight)."""
+        learner = self._ready()
+        with learner.gathered():
+            state = learner.policy.trainable_tensors()
+            broadcast_state(self._weight_group, state, int(self.cfg.runtime.sync_bucket_mb * 2**20),
+                            self._weight_device)
+            return weights_checksum(state) if self.cfg.runtime.sync_check else 0.0
+
+    def join_gather(self) -> None:
+        """Take part in rank 0's gathering of the ZeRO-3-sharded weights (a collective), keeping nothing."""
+        with self._ready().gathered():
+            pass
 
     def save_state(self, folder: str | Path) -> None:
         self._ready().save_state(Path(folder))

@@ -68,13 +68,16 @@ def broadcast_state(
     group: dist.ProcessGroup, state: dict[str, torch.Tensor], bucket_bytes: int, device: torch.device
 ) -> int:
     """Broadcast rank 0's `state` into every other rank's `state` (same names, shapes, dtypes; filled in
-    place). Buckets are staged on `device` (the GPU for NCCL). Returns the number of collective calls."""
+    place, so live parameters update the model). Buckets are staged on `device` (the GPU for NCCL). Returns
+    the number of collective calls."""
     options = dist.BroadcastOptions()
     options.rootRank = 0
     cut = buckets(state, bucket_bytes)
     for names in cut:
         flat = torch.cat([state[n].reshape(-1).to(device) for n in names])
         group.broadcast([flat], options).wait()
+        if group.rank() == 0:
+            continue
         offset = 0
         for n in names:
             count = state[n].numel()

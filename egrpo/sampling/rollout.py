@@ -65,8 +65,8 @@ def batched_velocity(
     for a in range(0, len(x), batch_size):
         cond = policy.encode_prompts(prompts[a : a + batch_size])
         out.append(policy.velocity(x[a : a + batch_size], sigma[a : a + batch_size], cond))
-        if probe is not None:
-            entropy.append(probe.take())
+        if probe is not None:  # the last rows: with classifier-free guidance the call ran [uncond, cond]
+            entropy.append(probe.take()[-len(out[-1]):])
     return torch.cat(out), (torch.cat(entropy) if probe is not None else None)
 
 
@@ -206,7 +206,7 @@ def probe_entropies(
 ) -> ProbeResult:
     """AEGPO's anchor pass (ALGORITHMS.md section 3): E(t) at every step of each request's ODE anchor, under
     the current policy and, where asked, the reference policy. `probe_settings` is an
-    egrpo.entropy ProbeSettings (blocks, heads, rows)."""
+    egrpo.entropy ProbeSettings (blocks, heads, rows, chunk, seed)."""
     from egrpo.entropy.attention import AttentionEntropyProbe
 
     keys = [(r.prompt, r.seed) for r in requests]
