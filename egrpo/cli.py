@@ -106,15 +106,15 @@ def _plan_aegpo(cfg, info: dict, args: argparse.Namespace) -> int:
     scheduler = Scheduler(cfg)
     requests = scheduler.draw(0)
     probes = probe_entropies(policy, requests, sampler_settings(cfg), probe_settings(cfg))
-    plans = scheduler.plan(0, probes)
+    scheduler.plan(0, probes)
     prompts = [r.prompt for r in requests]
-    first_of_group = {p.group: p for p in reversed(plans)}  # group k is prompt k
-    peaks = {prompts[g]: list(p.explore_steps) for g, p in first_of_group.items()}
-    budgets = {prompts[g]: sum(q.group == g for q in plans) for g in first_of_group}
+    stats = {p: scheduler.prompt_stats[p] for p in prompts}  # what the scheduler decided, per prompt
+    peaks = {p: s["peaks"] for p, s in stats.items()}
+    budgets = {p: s["budget"] for p, s in stats.items()}
     info.update({
         "attention_entropy": dict(zip(prompts, probes.entropy.tolist(), strict=True)),
         "reference_entropy": dict(zip(prompts, probes.reference.tolist(), strict=True)),
-        "delta_entropy": {p: scheduler.prompt_stats[p]["dE"][-1] for p in prompts},
+        "delta_entropy": {p: s["dE"][-1] for p, s in stats.items()},
         "peaks": peaks,
         "budget": budgets,
     })

@@ -70,7 +70,9 @@ class Scheduler:
         self.cfg = cfg
         self.sampler = PromptSampler(load_prompts(cfg.data.prompts), cfg.run.seed)
         self.prompt_stats: dict[str, dict[str, Any]] = {}
-        self.reference_entropy: dict[str, list[float]] = {}  # "seed/prompt" -> E_ref(t), fixed per anchor
+        # prompt -> E_ref(t). E_ref is fixed per (prompt, seed), and AEGPO's seed is a function of the prompt
+        # within a run (plans.prompt_seed), so the prompt is the key.
+        self.reference_entropy: dict[str, list[float]] = {}
         self.accounting = Accounting()
         self.prompts: list[str] = []
         self.plan_metrics: dict[str, float] = {}
@@ -82,9 +84,8 @@ class Scheduler:
             self.prompt_stats.setdefault(p, {"times_drawn": 0})["times_drawn"] += 1
         if self.cfg.plan.method != "aegpo":
             return []
-        seeds = [prompt_seed(self.cfg.run.seed, p) for p in self.prompts]
-        return [ProbeRequest(p, s, f"{s}/{p}" not in self.reference_entropy)
-                for p, s in zip(self.prompts, seeds, strict=True)]
+        return [ProbeRequest(p, prompt_seed(self.cfg.run.seed, p), p not in self.reference_entropy)
+                for p in self.prompts]
 
     def plan(self, iteration: int, probes: ProbeResult | None = None) -> list[SamplePlan]:
         """The plan of the prompts `draw` picked; `probes` answers `draw`'s requests, in order."""
@@ -101,19 +102,19 @@ class Scheduler:
     def _entropy_guided(self, probes: ProbeResult) -> tuple[list[int], list[list[int]]]:
         """Group size per prompt from dE (global signal), exploration steps from E(t)'s peaks (local)."""
         a, p = self.cfg.aegpo, self.cfg.plan
-        keys = [f"{prompt_seed(self.cfg.run.seed, q)}/{q}" for q in self.prompts]
-        for key, row in zip(keys, probes.reference, strict=True):
+        for prompt, row in zip(self.prompts, probes.reference, strict=True):
             if not torch.isnan(row).any():
-                self.reference_entropy[key] = row.tolist()
-        reference = torch.tensor([self.reference_entropy[key] for key in keys])
+                self.reference_entropy[prompt] = row.tolist()
+        reference = torch.tensor([self.reference_entropy[prompt] for prompt in self.prompts])
         delta = relative_entropy_change(probes.entropy, reference)
         sizes = allocate_rollouts(delta.tolist(), p.prompts_per_iteration * p.group_size, a.budget,
                                   a.g_min, a.g_max, a.g_high, a.g_low, a.alpha)
         peaks = [entropy_peaks(row[: self.cfg.aegpo_peak_steps].tolist(), a.peaks) for row in probes.entropy]
-        for prompt, d, size in zip(self.prompts, delta.tolist(), sizes, strict=True):
+        for prompt, d, size, steps in zip(self.prompts, delta.tolist(), sizes, peaks, strict=True):
             stats = self.prompt_stats[prompt]
             stats["dE"] = [*stats.get("dE", []), d]
             stats["budget"] = size
+            stats["peaks"] = steps
         self.plan_metrics = {
             "entropy/mean": float(probes.entropy.mean()), "entropy/dE_mean": float(delta.mean()),
             "entropy/dE_min": float(delta.min()), "entropy/dE_max": float(delta.max()),

@@ -55,7 +55,6 @@ class RolloutWorker:
         self.policy = load_policy(cfg, keep_reference=cfg.plan.method == "aegpo")  # for E_ref; KL is the learners'
         self.settings = sampler_settings(cfg)
         self.probe_settings = probe_settings(cfg)
-        self.ship_embeddings = not cfg.model.learner_text_encoders
         self.version = -1  # initial weights; version 0 is the learners' first broadcast
         self.bucket_bytes = int(cfg.runtime.sync_bucket_mb * 2**20)
         self.group, self.generation = None, -1  # full-weight broadcast group (egrpo.runtime.weight_sync)
@@ -83,11 +82,14 @@ class RolloutWorker:
         broadcast_state(self.group, self.policy.trainable_tensors(), self.bucket_bytes, self.policy.device)
         self.version = version
 
-    def rollout(self, plans: list[SamplePlan], sample_ids: list[int], weights: list, version: int) -> RolloutShard:
+    def rollout(self, plans: list[SamplePlan], sample_ids: list[int], weights: list, version: int,
+                with_embeddings: bool = False) -> RolloutShard:
+        """Run `plans` with weights `version`; `with_embeddings`: also return the prompts' conditioning (for
+        learners without text encoders)."""
         self.sync(weights, version)
         start = time.perf_counter()
         result = run_plan(self.policy, plans, self.settings)
-        embeddings = self.policy.prompt_embeddings([p.prompt for p in plans]) if self.ship_embeddings else {}
+        embeddings = self.policy.prompt_embeddings([p.prompt for p in plans]) if with_embeddings else {}
         return RolloutShard(sample_ids, result, self.version, ray.get_runtime_context().get_actor_id(),
                             time.perf_counter() - start, embeddings)
 

@@ -285,8 +285,8 @@ class RayTrainer(TrainingLoop):
     def _probe_call(self, requests, worker):
         return worker.probe.remote(requests, [self.weights], self.version)
 
-    def _rollout_call(self, plans, ids, worker):
-        return worker.rollout.remote([plans[k] for k in ids], ids, [self.weights], self.version)
+    def _rollout_call(self, plans, ids, with_embeddings, worker):
+        return worker.rollout.remote([plans[k] for k in ids], ids, [self.weights], self.version, with_embeddings)
 
     def _submit(self, calls: list[tuple[int, Any]], chaos: bool = False) -> list[tuple[int, Any, Any]]:
         """Start `call(worker)` for each (rollout worker index, call); returns (index, call, reference)."""
@@ -309,11 +309,13 @@ class RayTrainer(TrainingLoop):
                 results.append(self._get(call(self.rollout.actors[w]), what))
         return results
 
-    def _submit_rollouts(self, plans, chaos: bool = False) -> list[tuple[int, Any, Any]]:
-        """Start the shards of a plan on the rollout workers (split by prompt, balanced by work)."""
+    def _submit_rollouts(self, plans, chaos: bool = False, training: bool = False) -> list[tuple[int, Any, Any]]:
+        """Start the shards of a plan on the rollout workers (split by prompt, balanced by work). Training
+        rollouts bring their prompt embeddings when the learners have no text encoders."""
         shards = split_by_prompt(plans, len(self.rollout))
-        return self._submit([(w, partial(self._rollout_call, plans, ids)) for w, ids in enumerate(shards) if ids],
-                            chaos)
+        with_embeddings = training and not self.cfg.model.learner_text_encoders
+        return self._submit([(w, partial(self._rollout_call, plans, ids, with_embeddings))
+                             for w, ids in enumerate(shards) if ids], chaos)
 
     def _rollouts(self, plans, pending: list | None = None) -> tuple[RolloutResult, list[RolloutShard]]:
         results = self._gather(pending if pending is not None else self._submit_rollouts(plans), "rollout")
@@ -341,7 +343,7 @@ class RayTrainer(TrainingLoop):
             self.prefetched = None
         else:
             plans, probes, plan_times = self._plan(iteration)
-            refs = self._submit_rollouts(plans, chaos == "rollout")
+            refs = self._submit_rollouts(plans, chaos == "rollout", training=True)
         t1 = time.perf_counter()
         result, shards = self._rollouts(plans, refs)
         for shard in shards:
@@ -398,7 +400,7 @@ class RayTrainer(TrainingLoop):
         self.state_before_prefetch = self.scheduler.state_dict.remote()  # actor calls run in order
         plans, probes, plan_times = self._plan(iteration)
         chaos = self.cfg.chaos.kill == "rollout" and self.cfg.chaos.at_iteration == iteration
-        self.prefetched = (plans, probes, plan_times, self._submit_rollouts(plans, chaos))
+        self.prefetched = (plans, probes, plan_times, self._submit_rollouts(plans, chaos, training=True))
 
     def publish(self, record: dict[str, Any]) -> None:
         self.scheduler.publish.remote(record)
