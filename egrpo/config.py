@@ -66,6 +66,11 @@ class SamplerConfig:
     noise_level: float = _f(0.7, "a (flow_grpo) or eta (dance)")
     logprob_reduction: Literal["mean", "sum"] = _f("mean", "reduction of the per-element Gaussian log-prob")
     decode_from: Literal["final", "x0_hat"] = _f("final", "decode the final latent, or x0_hat of the last step")
+    batch_size: int = _f(32, "samples per transformer call in rollouts (bounds the rollout's activation memory)")
+    decode_batch_size: int = _f(
+        0, "images per VAE decode call; 0 = 4 on CUDA (FLUX's VAE: ~1.35 GiB per 720x720 image in bf16), else batch_size"
+    )
+    vae_tiling: bool = _f(False, "decode in overlapping tiles (diffusers' enable_tiling): bounded memory at any size")
 
 
 @dataclass(frozen=True)
@@ -164,7 +169,10 @@ class RuntimeConfig:
     reward_servers: int = _f(1, "RewardServer actors")
     learners: int = _f(1, "Learner actors (DeepSpeed data parallel ranks)")
     zero_stage: int = _f(0, "DeepSpeed ZeRO stage 0-3")
-    bf16: bool = _f(False, "DeepSpeed bf16 mixed precision (CUDA only; requires model.dtype=bfloat16)")
+    bf16: bool = _f(
+        False, "bf16 learners (model.dtype=bfloat16): full weights under DeepSpeed bf16 with fp32 masters and gradient "
+        "accumulation (ZeRO >= 1); LoRA adapters stay fp32"
+    )
     rollout_cpus: float = _f(1.0, "CPUs per rollout worker (logical; a local Ray declares what is asked)")
     reward_cpus: float = _f(0.5, "CPUs per reward server")
     learner_cpus: float = _f(1.0, "CPUs per learner")
@@ -359,6 +367,8 @@ def validate(cfg: Config) -> None:
     _require(s.steps >= 1, "sampler.steps", f"must be >= 1, got {s.steps}")
     _require(s.shift > 0, "sampler.shift", f"must be > 0, got {s.shift}")
     _require(s.noise_level > 0, "sampler.noise_level", f"must be > 0, got {s.noise_level}")
+    _require(s.batch_size >= 1, "sampler.batch_size", f"must be >= 1, got {s.batch_size}")
+    _require(s.decode_batch_size >= 0, "sampler.decode_batch_size", f"must be >= 0, got {s.decode_batch_size}")
     _require(p.group_size >= 2, "plan.group_size", f"must be >= 2 (advantages need a group), got {p.group_size}")
     _require(p.prompts_per_iteration >= 1, "plan.prompts_per_iteration", "must be >= 1")
     _require(cfg.egrpo.tau > 0, "egrpo.tau", f"must be > 0, got {cfg.egrpo.tau}")
@@ -415,6 +425,10 @@ def validate(cfg: Config) -> None:
         _require(getattr(r, key) >= 0, f"runtime.{key}", "must be >= 0")
     _require(0 <= r.zero_stage <= 3, "runtime.zero_stage", "must be 0, 1, 2 or 3")
     _require(t.batch_size >= r.learners, "train.batch_size", "must be >= runtime.learners (each rank needs rows)")
+    if r.bf16:
+        _require(cfg.model.dtype == "bfloat16", "runtime.bf16", f"needs model.dtype=bfloat16, got {cfg.model.dtype}")
+        _require(cfg.model.finetune == "lora" or r.zero_stage >= 1, "runtime.zero_stage",
+                 "bf16 full fine-tuning needs ZeRO stage >= 1 (DeepSpeed accumulates its gradients in fp32 only there)")
     _require(r.timeout_s > 0, "runtime.timeout_s", "must be > 0")
     _require(r.sync_bucket_mb > 0, "runtime.sync_bucket_mb", "must be > 0")
     _require(cfg.chaos.at_iteration >= 0, "chaos.at_iteration", "must be >= 0")

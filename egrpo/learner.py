@@ -28,6 +28,15 @@ def make_minibatches(steps: Batch, batch_size: int, seed: int, min_size: int = 1
     return [steps.select(rows) for rows in cuts]
 
 
+def loss_weights(minibatch: Batch) -> torch.Tensor:
+    """Each row's weight w_i in the minibatch loss sum_i w_i l_i (egrpo.algo.loss): the `loss_weight` column that
+    the data-parallel slicing writes (`egrpo.runtime.learner.slice_for_ranks`: world_size / real rows, 0 for
+    padding), else 1 / rows, the plain mean."""
+    if "loss_weight" in minibatch.tensors:
+        return minibatch["loss_weight"]
+    return torch.full((len(minibatch),), 1 / len(minibatch))
+
+
 class GRPOLearner:
     def __init__(self, policy, train: TrainConfig, reduction: Literal["mean", "sum"] = "mean") -> None:
         self.policy = policy
@@ -68,10 +77,12 @@ class GRPOLearner:
         return out
 
     def update(self, minibatch: Batch, logp_old: list[torch.Tensor]) -> dict[str, float]:
-        """One optimiser step on a minibatch: the loss of each micro-batch, weighted by its share of the rows,
-        is back-propagated in turn (so the accumulated gradient is the minibatch mean's), then one step."""
+        """One optimiser step on a minibatch: the loss of each micro-batch, its rows weighted by `loss_weights`
+        (1 / rows: so the accumulated gradient is the minibatch mean's), is back-propagated in turn, then one
+        step. Statistics are weighted the same way, so they too add up over micro-batches and ranks."""
         totals: dict[str, float] = {}
-        micro_batches = self.micro_batches(minibatch)
+        weighted = Batch({**minibatch.tensors, "loss_weight": loss_weights(minibatch)}, minibatch.meta)
+        micro_batches = self.micro_batches(weighted)
         for k, (micro, lo) in enumerate(zip(micro_batches, logp_old, strict=True)):
             mean, std = step_mean_and_std(self.policy, micro)
             mean_ref = None
@@ -79,15 +90,14 @@ class GRPOLearner:
                 with torch.no_grad(), self.policy.reference():
                     mean_ref, _ = step_mean_and_std(self.policy, micro)
             loss, stats = grpo_loss(mean, std, micro, lo, self.train.clip_range, self.reduction, mean_ref,
-                                    self.train.kl_beta)
-            share = len(micro) / len(minibatch)
-            self.backward(loss * share, last_micro_batch=k == len(micro_batches) - 1)
+                                    self.train.kl_beta, micro["loss_weight"])
+            self.backward(loss, last_micro_batch=k == len(micro_batches) - 1)
             stats["loss"] = loss.item()
             for key, value in stats.items():
-                if key == "ratio_max_dev":  # a max over the minibatch; the others are row-weighted means
+                if key == "ratio_max_dev":  # a max over the minibatch; the others are weighted sums
                     totals[key] = max(totals.get(key, 0.0), value)
                 else:
-                    totals[key] = totals.get(key, 0.0) + value * share
+                    totals[key] = totals.get(key, 0.0) + value
         totals["grad_norm"] = self.step()
         return totals
 

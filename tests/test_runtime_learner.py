@@ -1,6 +1,7 @@
 """The DeepSpeed learner: equal to the plain GRPOLearner in one process, data-parallel over two Ray actors
 (ZeRO 0-3) with different data, and its checkpoint round trips."""
 
+import math
 import os
 
 # set before ray.init, so the actors inherit them too
@@ -10,6 +11,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -107,8 +109,24 @@ def test_slice_for_ranks(minibatches):
     for mb, part0, part1 in zip(minibatches, sliced[0], sliced[1], strict=True):
         assert torch.equal(torch.cat([part0["x_in"], part1["x_in"]]), mb["x_in"])
         assert part0["prompt"] + part1["prompt"] == mb["prompt"]
-    with pytest.raises(ValueError, match="fewer than"):
-        slice_for_ranks(minibatches, 5)
+        assert torch.equal(part0["loss_weight"], torch.full((2,), 0.5))
+
+
+def test_slice_for_ranks_pads_uneven_minibatches(cfg):
+    """7 rows over 3 ranks: slices of 3, 2, 2 real rows, each padded to 3; 2 rows over 3 ranks: one rank has
+    padding only. Real rows weigh world_size / n, padding 0, so the ranks' weighted sums average to the mean."""
+    steps = fake_steps(load_policy(cfg).latent_shape, 9, seed=3)
+    minibatches = [steps.select(list(range(7))), steps.select([7, 8])]
+    sliced = slice_for_ranks(minibatches, 3)
+    assert [[len(mb) for mb in rank] for rank in sliced] == [[3, 1]] * 3
+    for k, mb in enumerate(minibatches):
+        parts = [rank[k] for rank in sliced]
+        real = [p.select(p["loss_weight"] > 0) for p in parts]
+        assert torch.equal(torch.cat([r["x_in"] for r in real]), mb["x_in"])  # every real row once, in order
+        weights = torch.cat([p["loss_weight"] for p in parts])
+        assert weights.sum().item() == pytest.approx(3.0)  # averaged over 3 ranks: total weight 1
+        assert torch.allclose(weights[weights > 0], torch.full((len(mb),), 3 / len(mb)))
+    assert [rank[1]["loss_weight"].tolist() for rank in sliced].count([0.0]) == 1  # one rank: padding only
 
 
 @pytest.mark.parametrize("clip", [False, True], ids=["noclip", "clip"])
@@ -215,18 +233,65 @@ def test_resume_from_an_in_process_checkpoint(cfg, initial, minibatches, tmp_pat
         learner.close()
 
 
-def test_bf16_needs_cuda(cfg):
-    with pytest.raises(ValueError, match="bf16 needs a CUDA policy"):
+def test_bf16_needs_a_bfloat16_policy(cfg):
+    with pytest.raises(ValueError, match="bf16 needs a policy loaded in bfloat16"):
         DeepSpeedLearner(load_policy(cfg), cfg.train, "mean", LearnerSettings(bf16=True))
     assert not torch.distributed.is_initialized()
 
 
+@pytest.mark.parametrize(("finetune", "stage"), [("lora", 0), ("lora", 2), ("full", 1), ("full", 3)])
+def test_bf16_learner_computes_the_rollout_policy(cfg, finetune, stage):
+    """The bf16 DeepSpeed path, forced on CPU (it trains there, slowly): a bf16 model whose LoRA masters stay fp32
+    (DeepSpeed would cast them to bf16) or whose full weights train under DeepSpeed bf16 with fp32 gradient
+    accumulation. A rollout worker's policy loaded the same way gives exactly the learner's log-probs, before
+    the step and after it has received the learner's weights."""
+    cfg = replace(cfg, model=replace(cfg.model, dtype="bfloat16", finetune=finetune),
+                  train=replace(cfg.train, micro_batch_size=2, kl_beta=0.0))
+    rollout, learner_policy = load_policy(cfg), load_policy(cfg)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)  # a trained-looking state: LoRA's B is no longer zero, so its dtype matters
+        state = {k: v + 0.05 * torch.randn_like(v.float()).to(v.dtype) for k, v in rollout.trainable_state_dict().items()}
+    rollout.load_trainable_state_dict(state)
+    learner_policy.load_trainable_state_dict(state)
+    minibatches = fake_steps(rollout.latent_shape, 8, seed=2).chunks(4)
+    learner = DeepSpeedLearner(learner_policy, cfg.train, "mean",
+                               LearnerSettings(zero_stage=stage, bf16=True, master_port=free_port()))
+    try:
+        trainable_dtypes = {p.dtype for p in learner_policy.trainable_parameters()}
+        assert trainable_dtypes == {torch.float32 if finetune == "lora" else torch.bfloat16}
+        with learner._through_engine():
+            before = learner.old_logprobs(minibatches)
+        expected = GRPOLearner(rollout, cfg.train).old_logprobs(minibatches)
+        assert all(torch.equal(a, b) for mb_a, mb_b in zip(before, expected, strict=True)
+                   for a, b in zip(mb_a, mb_b, strict=True))
+        metrics = learner.train_iteration(minibatches)
+        trained = learner.trainable_state_dict()
+        with learner._through_engine():
+            after = learner.old_logprobs(minibatches)
+    finally:
+        learner.close()
+    assert max_diff(trained, state) > 1e-3 and math.isfinite(metrics["train/grad_norm"])
+    assert metrics["train/first_ratio_max_dev"] == 0.0
+    rollout.load_trainable_state_dict(trained)  # what the weight sync hands the rollout workers
+    expected = GRPOLearner(rollout, cfg.train).old_logprobs(minibatches)
+    assert all(torch.equal(a, b) for mb_a, mb_b in zip(after, expected, strict=True)
+               for a, b in zip(mb_a, mb_b, strict=True))
+
+
 @pytest.fixture(scope="module")
-def actors(cfg: Config):
+def local_ray():
     started = not ray.is_initialized()
     if started:
         ray.init(address="local", num_cpus=4, include_dashboard=False, num_gpus=0, log_to_driver=False)
-    handles = [LearnerActor.options(num_cpus=1).remote(cfg, 1) for _ in range(2)]
+    yield
+    if started:
+        ray.shutdown()
+
+
+@contextmanager
+def learner_actors(cfg: Config, count: int = 2, runtime_env: dict | None = None):
+    """`count` LearnerActors (half a CPU each, so several pairs fit the module's Ray), closed and killed after."""
+    handles = [LearnerActor.options(num_cpus=0.5, runtime_env=runtime_env).remote(cfg, 1) for _ in range(count)]
     try:
         yield handles
     finally:
@@ -235,8 +300,12 @@ def actors(cfg: Config):
                 ray.get(handle.close.remote(), timeout=TIMEOUT)  # destroy the group before the kill
             finally:
                 ray.kill(handle)
-        if started:
-            ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def actors(cfg: Config, local_ray):
+    with learner_actors(cfg) as handles:
+        yield handles
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
@@ -269,3 +338,89 @@ def test_two_actors_match_full_batch(cfg, initial, minibatches, actors, stage, t
             assert max_diff(saved, states[0]) == 0.0
     finally:
         ray.get([a.close.remote() for a in actors], timeout=TIMEOUT)
+
+
+@pytest.mark.parametrize(("finetune", "stages"), [("lora", (0, 1, 2, 3)), ("full", (2, 3))])
+def test_uneven_rows_over_two_ranks(cfg, local_ray, finetune, stages):
+    """Minibatches of 7 and 3 rows (as NaN drops and AEGPO's budgets leave them) over 2 ranks at micro-batch 1:
+    the ranks' slices differ by a row, so without padding they run unequal numbers of forward/backward passes
+    (gloo's "Received data size doesn't match" under ZeRO 3, a hang in other splits). Padded, every rank runs
+    4 + 2 passes and the step is the plain learner's on the whole minibatches."""
+    cfg = replace(cfg, model=replace(cfg.model, finetune=finetune), train=replace(cfg.train, micro_batch_size=1))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        policy = load_policy(cfg)
+    initial = policy.trainable_state_dict()
+    steps = fake_steps(policy.latent_shape, 10, seed=5)
+    minibatches = [steps.select(list(range(7))), steps.select([7, 8, 9])]
+    expected, plain_metrics = plain_result(cfg, initial, minibatches)
+    slices = slice_for_ranks(minibatches, 2)
+    with learner_actors(cfg) as pair:
+        for stage in stages:
+            connect_learners(pair, LearnerSettings(zero_stage=stage), timeout_s=TIMEOUT)
+            try:
+                ray.get([a.load_trainable_state_dict.remote(initial) for a in pair], timeout=TIMEOUT)
+                metrics = ray.get([a.train.remote(s) for a, s in zip(pair, slices, strict=True)], timeout=TIMEOUT)
+                states = ray.get([a.trainable_state_dict.remote() for a in pair], timeout=TIMEOUT)
+            finally:
+                ray.get([a.close.remote() for a in pair], timeout=TIMEOUT)
+            assert max_diff(states[0], states[1]) == 0.0
+            assert max_diff(states[0], initial) > 1e-3
+            assert max_diff(states[0], expected) <= ATOL_CLIP, f"ZeRO {stage}"
+            # weighted statistics: the mean over ranks is the whole minibatch's
+            loss = sum(m["train/policy_loss"] for m in metrics) / 2
+            assert loss == pytest.approx(plain_metrics["train/policy_loss"], rel=1e-4, abs=1e-7)
+            assert all(m["train/first_ratio_max_dev"] == 0.0 for m in metrics)
+
+
+def test_learner_picks_its_accelerator_from_its_own_device(cfg, local_ray):
+    """A driver on a GPU-less head node used to set DS_ACCELERATOR=cpu for the whole job, so GPU learners got
+    DeepSpeed's CPU accelerator. Each learner now decides from its own device: here the inherited environment
+    says cuda and the CPU learner still resolves cpu."""
+    from egrpo.runtime.driver import ACTOR_ENV
+
+    assert "DS_ACCELERATOR" not in ACTOR_ENV
+    with learner_actors(cfg, count=1, runtime_env={"env_vars": {"DS_ACCELERATOR": "cuda"}}) as (actor,):
+        connect_learners([actor], LearnerSettings(), timeout_s=TIMEOUT)
+        assert ray.get(actor.accelerator.remote(), timeout=TIMEOUT) == "cpu"
+
+
+def test_zero3_broadcast_gathers_one_bucket_onto_rank_0_only(cfg, local_ray):
+    """Under ZeRO 3 the full-weight broadcast used to gather every parameter on every learner rank (FLUX: +24 GB
+    each). Now rank 0 receives the shards of one bucket at a time and the other ranks nothing: no parameter is
+    ever un-partitioned, rank 0's buckets stay within the bucket size, and together they are exactly the weights
+    that DeepSpeed's own gather gives."""
+    cfg = replace(cfg, model=replace(cfg.model, finetune="full"), train=replace(cfg.train, kl_beta=0.0))
+    bucket_bytes = 64 * 1024
+
+    def _weight_buckets_probe(actor_self, bucket_bytes: int) -> dict:
+        """Runs inside a LearnerActor (defined here, so Ray pickles it by value): iterate its broadcast buckets,
+        noting at each what this rank holds."""
+        learner = actor_self.learner
+        params = learner.policy.trainable_parameters()
+        seen = {"buckets": [], "gathered_params": 0}
+        for tensors in learner.weight_buckets(bucket_bytes):
+            seen["gathered_params"] = max(seen["gathered_params"], sum(p.numel() > 0 for p in params))
+            seen["buckets"].append({"bytes": sum(t.numel() * t.element_size() for t in tensors),
+                                    "tensors": [t.clone() for t in tensors]})
+        return seen
+
+    with learner_actors(cfg) as pair:
+        connect_learners(pair, LearnerSettings(zero_stage=3), timeout_s=TIMEOUT)
+        try:
+            seen = ray.get([a.__ray_call__.remote(_weight_buckets_probe, bucket_bytes) for a in pair],
+                           timeout=TIMEOUT)
+            gathered = ray.get([a.trainable_state_dict.remote() for a in pair], timeout=TIMEOUT)[0]
+            names = ray.get(pair[0].__ray_call__.remote(
+                lambda self: sorted(self.learner.policy.named_trainable_parameters())), timeout=TIMEOUT)
+        finally:
+            ray.get([a.close.remote() for a in pair], timeout=TIMEOUT)
+    rank0, rank1 = seen
+    assert rank0["gathered_params"] == rank1["gathered_params"] == 0  # shards only, on both ranks, throughout
+    assert len(rank0["buckets"]) == len(rank1["buckets"]) > 1  # the same collective calls on both ranks
+    assert all(b["tensors"] == [] for b in rank1["buckets"])
+    largest = max(v.numel() * v.element_size() for v in gathered.values())
+    assert all(b["bytes"] <= max(bucket_bytes, largest) for b in rank0["buckets"])
+    received = [t for b in rank0["buckets"] for t in b["tensors"]]
+    assert len(received) == len(names) == len(gathered)
+    assert all(torch.equal(t, gathered[n]) for n, t in zip(names, received, strict=True))

@@ -2,6 +2,10 @@
 
 rho = exp(logp_new - logp_old);  L = mean(max(-A rho, -A clip(rho, 1 - eps, 1 + eps)))
 optional KL to the reference policy: beta * ||mu_theta - mu_ref||^2 / (2 g^2 |delta|), averaged like the log-prob.
+
+The mean over a minibatch is written as a weighted sum, L = sum_i w_i l_i, so that the rows of one minibatch may
+be spread over micro-batches and data-parallel ranks (and padded with rows of weight 0) and still add up to the
+exact mean over its real rows (`egrpo.learner.loss_weights`).
 """
 
 from __future__ import annotations
@@ -34,29 +38,35 @@ def grpo_loss(
     reduction: Literal["mean", "sum"] = "mean",
     mean_ref: torch.Tensor | None = None,
     kl_beta: float = 0.0,
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Loss over a minibatch of trained steps, and its statistics.
+    """Loss over trained steps, sum_i w_i l_i, and its statistics weighted the same way.
 
     `logp_old` is the log-prob under the weights that produced the rollout, recomputed by the learner so that
-    rho == 1 exactly before the first optimiser step."""
+    rho == 1 exactly before the first optimiser step. `weights` (one per row) default to 1 / rows, the plain
+    mean; rows of weight 0 (padding) add nothing, and `ratio_max_dev` is taken over the rows that count."""
     x_out = steps["x_out"].to(mean.device)
     advantages = steps["advantage"].to(mean.device)
+    if weights is None:
+        weights = torch.full((len(steps),), 1 / len(steps))
+    weights = weights.to(mean.device, torch.float32)
     logp = gaussian_logprob(x_out, mean, std, reduction)
     ratio = torch.exp(logp - logp_old.to(logp.device))
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1 - clip_range, 1 + clip_range)
-    policy_loss = torch.maximum(unclipped, clipped).mean()
+    policy_loss = (weights * torch.maximum(unclipped, clipped)).sum()
     loss = policy_loss
+    counted = weights > 0
     stats = {
         "policy_loss": policy_loss.item(),
-        "ratio_mean": ratio.mean().item(),
-        "ratio_max_dev": (ratio - 1).abs().max().item(),
-        "clip_fraction": ((ratio - 1).abs() > clip_range).float().mean().item(),
+        "ratio_mean": (weights * ratio).sum().item(),
+        "ratio_max_dev": (ratio[counted] - 1).abs().max().item() if counted.any() else 0.0,
+        "clip_fraction": (weights * ((ratio - 1).abs() > clip_range).float()).sum().item(),
     }
     if kl_beta > 0 and mean_ref is not None:
         sq = ((mean.float() - mean_ref.float()) ** 2) / (2 * per_sample(std, mean) ** 2)
         dims = tuple(range(1, sq.ndim))
-        kl = (sq.mean(dims) if reduction == "mean" else sq.sum(dims)).mean()
+        kl = (weights * (sq.mean(dims) if reduction == "mean" else sq.sum(dims))).sum()
         loss = loss + kl_beta * kl
         stats["kl"] = kl.item()
     return loss, stats

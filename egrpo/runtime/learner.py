@@ -5,8 +5,9 @@ This is the only module of egrpo that imports deepspeed (lazily, so that importi
 
 `DeepSpeedLearner` computes exactly what `GRPOLearner` computes (it overrides `backward` and `step` and nothing of
 the algorithm); DeepSpeed averages the gradients of the ranks and, for ZeRO 1/2/3, shards the optimiser
-state (and gradients, and weights). Each rank gets an equal slice of every minibatch (`slice_for_ranks`), so
-the averaged gradient is the full minibatch's mean gradient and all ranks take the same number of steps.
+state (and gradients, and weights). Each rank gets an equally long, weighted slice of every minibatch
+(`slice_for_ranks`), so the averaged gradient is the full minibatch's mean gradient and all ranks take the same
+number of steps and of forward/backward passes.
 
 The policy's forward pass (`policy.velocity`) calls `policy.transformer(...)`. DeepSpeed 0.19 runs its
 backward prologue (ZeRO's backward bookkeeping) from hooks that only `engine.forward` puts on the outputs, so
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import socket
 from collections.abc import Iterator
@@ -51,7 +53,7 @@ from egrpo.checkpoint import (
 )
 from egrpo.config import Config, TrainConfig
 from egrpo.learner import GRPOLearner
-from egrpo.runtime.weight_sync import GroupAddress, broadcast_state, host_store, join, weights_checksum
+from egrpo.runtime.weight_sync import Checksum, GroupAddress, broadcast_bucket, buckets, host_store, join
 
 log = logging.getLogger("egrpo")
 
@@ -63,7 +65,7 @@ class LearnerSettings:
     """How one rank joins the data-parallel group. The driver builds one per rank (`dataclasses.replace`)."""
 
     zero_stage: int = 0  # 0: plain data parallel; 1: optimiser state sharded; 2: + gradients; 3: + weights
-    bf16: bool = False  # DeepSpeed bf16 mixed precision (fp32 master weights); CUDA only, model dtype bfloat16
+    bf16: bool = False  # the policy is bfloat16: full weights train under DeepSpeed bf16 (fp32 masters), LoRA in fp32
     world_size: int = 1
     rank: int = 0
     master_addr: str = "127.0.0.1"  # the rank-0 process's node IP
@@ -88,26 +90,52 @@ def free_port() -> int:
 
 
 def slice_for_ranks(minibatches: list[Batch], world_size: int) -> list[list[Batch]]:
-    """Per rank, its contiguous slice of every minibatch: rank r gets `mb.split(world_size)[r]` of each.
+    """Per rank, its contiguous slice of every minibatch, padded so that every rank holds the same number of rows.
 
-    Every rank then takes one optimiser step per minibatch (the same number on all ranks, which the collective
-    steps require), and no rank receives rows it does not train on. Slices differ in size by at most one row;
-    DeepSpeed averages the ranks' mean gradients with equal weight, so the step equals the full minibatch's
-    mean gradient exactly when the minibatch size is a multiple of `world_size`."""
+    Every rank takes one optimiser step per minibatch, and, because its slices are as long as every other
+    rank's, as many forward/backward passes per step (ZeRO 3 makes each of them a collective: unequal counts
+    hang or crash). A minibatch of n rows gives rank r the rows `mb.split(world_size)[r]`, each with
+    `loss_weight` world_size / n, then copies of the minibatch's first row with weight 0 up to ceil(n /
+    world_size) rows. DeepSpeed averages the ranks' gradients, so the step is that of the exact mean over the n
+    real rows (ALGORITHMS.md section 2), however n divides, even when n < world_size."""
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
-    for i, mb in enumerate(minibatches):
-        if len(mb) < world_size:
-            raise ValueError(f"minibatch {i} has {len(mb)} rows, fewer than the {world_size} ranks "
-                             "(make_minibatches(..., min_size=world_size) avoids this)")
-    parts = [mb.split(world_size) for mb in minibatches]
-    return [[p[r] for p in parts] for r in range(world_size)]
+    per_rank: list[list[Batch]] = [[] for _ in range(world_size)]
+    for mb in minibatches:
+        rows = len(mb)
+        width = math.ceil(rows / world_size)
+        weighted = Batch({**mb.tensors, "loss_weight": torch.full((rows,), world_size / rows)}, mb.meta)
+        padding = Batch({**mb.tensors, "loss_weight": torch.zeros(rows)}, mb.meta).select([0])
+        for rank, part in enumerate(weighted.split(world_size)):
+            per_rank[rank].append(Batch.concat([part] + [padding] * (width - len(part))))
+    return per_rank
+
+
+def attach_latents(minibatches: list[Batch], latents: list[Any]) -> list[Batch]:
+    """This rank's slices with their `x_in` / `x_out` filled in from the rollout shards' latents (object
+    references, `RolloutWorker.rollout`'s third return), fetched one shard at a time: each row names its
+    `shard` and its `row` there. Only the rows this rank trains on stay in memory; the driver never held them."""
+    columns: list[dict[str, torch.Tensor]] = [{} for _ in minibatches]
+    for shard in sorted({int(s) for mb in minibatches for s in mb["shard"].tolist()}):
+        fetched = ray.get(latents[shard])
+        for mb, out in zip(minibatches, columns, strict=True):
+            mine = (mb["shard"] == shard).nonzero().flatten()
+            if not len(mine):
+                continue
+            rows = mb["row"][mine]
+            for name, tensor in fetched.tensors.items():
+                if name not in out:
+                    out[name] = torch.empty((len(mb), *tensor.shape[1:]), dtype=tensor.dtype)
+                out[name][mine] = tensor[rows]
+        del fetched
+    return [Batch({**mb.tensors, **out}, mb.meta) for mb, out in zip(minibatches, columns, strict=True)]
 
 
 def _import_deepspeed(device: torch.device):
     """Import deepspeed for `device`'s accelerator, without the 35 s JIT build of its CPU shm comm op (used
-    only by inference all-reduce)."""
-    os.environ.setdefault("DS_ACCELERATOR", "cuda" if device.type == "cuda" else "cpu")
+    only by inference all-reduce). The learner's own device decides, whatever DS_ACCELERATOR the process
+    inherited: a driver on a GPU-less head node must not hand its GPU learners the CPU accelerator."""
+    os.environ["DS_ACCELERATOR"] = "cuda" if device.type == "cuda" else "cpu"
     import deepspeed
     import deepspeed.ops
 
@@ -142,9 +170,16 @@ class DeepSpeedLearner(GRPOLearner):
                  settings: LearnerSettings | None = None) -> None:
         settings = settings or LearnerSettings()
         device = torch.device(policy.device)
-        if settings.bf16 and (device.type != "cuda" or policy.dtype != torch.bfloat16):
-            raise ValueError("bf16 needs a CUDA policy loaded in bfloat16 (model.dtype: bfloat16); "
-                             f"got {device.type} / {policy.dtype}")
+        if settings.bf16 and policy.dtype != torch.bfloat16:
+            raise ValueError(f"bf16 needs a policy loaded in bfloat16 (model.dtype: bfloat16), got {policy.dtype}")
+        # DeepSpeed's bf16 mode casts every trainable weight to bf16. Full weights are bf16 anyway (it keeps fp32
+        # masters in the optimiser and, with grad_accum_dtype fp32, accumulates gradients in fp32); LoRA masters
+        # are fp32 on the rollout workers too, so DeepSpeed runs them in fp32 on the frozen bf16 base and both
+        # sides compute the same policy.
+        self.mixed_precision = settings.bf16 and any(p.dtype == torch.bfloat16 for p in policy.trainable_parameters())
+        if self.mixed_precision and settings.zero_stage == 0:
+            raise ValueError("bf16 full fine-tuning needs ZeRO stage >= 1 (DeepSpeed accumulates bf16 gradients "
+                             "in fp32 only under ZeRO)")
         super().__init__(policy, train_cfg, reduction)
         self.settings = settings
         deepspeed = _import_deepspeed(device)
@@ -170,7 +205,8 @@ class DeepSpeedLearner(GRPOLearner):
             "gradient_accumulation_steps": 1,
             "gradient_clipping": float(train_cfg.max_grad_norm),
             "zero_optimization": {"stage": settings.zero_stage},
-            "bf16": {"enabled": settings.bf16},
+            "bf16": {"enabled": self.mixed_precision},
+            "data_types": {"grad_accum_dtype": "fp32" if self.mixed_precision else None},
             "steps_per_print": 2**31 - 1,
             "wall_clock_breakdown": False,
         }
@@ -209,7 +245,7 @@ class DeepSpeedLearner(GRPOLearner):
         """engine.step (clips, steps, clears the gradients). Returns the global gradient norm before
         clipping, as `GRPOLearner` does."""
         norm = None
-        if self.settings.zero_stage == 0 and not self.settings.bf16:
+        if self.settings.zero_stage == 0 and not self.mixed_precision:
             # Plain data parallel: the averaged gradients are on the parameters now; DeepSpeed's own
             # clipping discards the norm it computes, so compute it here.
             grads = [p.grad.float() for p in self.policy.trainable_parameters() if p.grad is not None]
@@ -233,6 +269,38 @@ class DeepSpeedLearner(GRPOLearner):
                 yield
         else:
             yield
+
+    def weight_buckets(self, bucket_bytes: int) -> Iterator[list[torch.Tensor]]:
+        """The trained parameters in the full-weight broadcast's buckets (`weight_sync.buckets` over
+        `policy.named_trainable_parameters()`, the cut every rollout worker computes from its own copy). Rank 0
+        gets each bucket's full tensors; the other ranks get empty lists. Under ZeRO 3 it is a collective: each
+        bucket's shards are gathered onto rank 0 alone (`torch.distributed.gather`), so rank 0 holds one bucket
+        on top of its shard and the other ranks nothing, never the 12B-parameter model."""
+        named = self.policy.named_trainable_parameters()
+        zero3 = self.settings.zero_stage == 3
+        specs = {n: (p.ds_numel, p.dtype) if zero3 else (p.numel(), p.dtype) for n, p in named.items()}
+        rank0 = self.settings.rank == 0
+        if not zero3 and not rank0:
+            return
+        for names in buckets(specs, bucket_bytes):
+            params = [named[n] for n in names]
+            if not zero3:
+                yield [p.detach() for p in params]
+                continue
+            # rank r holds elements [r * s, (r + 1) * s) of each flattened parameter, s its padded partition
+            local = torch.cat([p.ds_tensor.reshape(-1) for p in params])
+            shards = [torch.empty_like(local) for _ in range(self.settings.world_size)] if rank0 else None
+            torch.distributed.gather(local, shards, dst=0)
+            if not rank0:
+                yield []
+                continue
+            full, offset = [], 0
+            for p in params:
+                size = p.ds_tensor.numel()
+                flat = torch.cat([shard[offset : offset + size] for shard in shards])
+                full.append(flat[: p.ds_numel].view(p.ds_shape))
+                offset += size
+            yield full
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """`policy.trainable_state_dict()`; under ZeRO 3 the sharded trainable weights are gathered first,
@@ -374,18 +442,26 @@ class LearnerActor:
         policy, self._policy = self._policy or self._load_policy(), None
         self.learner = DeepSpeedLearner(policy, self.cfg.train, self.cfg.sampler.logprob_reduction, settings)
 
+    def accelerator(self) -> str:
+        """The accelerator DeepSpeed resolved in this process ("cuda", "cpu"): the learner's own device's."""
+        return self._ready()._deepspeed.get_accelerator().device_name()
+
     def _ready(self) -> DeepSpeedLearner:
         if self.learner is None:
             raise RuntimeError("call setup(settings) first")
         return self.learner
 
-    def train(self, minibatches: list[Batch], embeddings: dict[str, dict[str, torch.Tensor]] | None = None
-              ) -> dict[str, float]:
-        """One iteration on this rank's slices (`slice_for_ranks`); collective. `embeddings`: the prompts'
-        conditioning, for a learner whose text encoders were freed (`model.learner_text_encoders: false`)."""
+    def train(self, minibatches: list[Batch], latents: list[Any] | None = None,
+              embeddings: dict[str, dict[str, torch.Tensor]] | None = None) -> dict[str, float]:
+        """One iteration on this rank's slices (`slice_for_ranks`); collective. `latents`: the rollout shards'
+        latent references, when the slices name their rows (`attach_latents`) instead of carrying them.
+        `embeddings`: the prompts' conditioning, for a learner whose text encoders were freed
+        (`model.learner_text_encoders: false`)."""
         learner = self._ready()
         if embeddings:
             learner.policy.add_embeddings(embeddings)
+        if latents is not None:
+            minibatches = attach_latents(minibatches, latents)
         return learner.train_iteration(minibatches)
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
@@ -404,24 +480,29 @@ class LearnerActor:
         return host, port
 
     def join_weight_group(self, address: GroupAddress) -> None:
+        old = getattr(self, "_weight_group", None)
         self._weight_group = join(address, 0, self._weight_store)
         self._weight_device = torch.device("cuda" if address.backend == "nccl" else "cpu")
+        if old is not None and address.backend == "nccl":  # free the previous generation's communicator
+            old.abort()
 
-    def broadcast_weights(self) -> float:
-        """Send the trainable weights to the rollout workers (collective with their `receive_weights`; under
-        ZeRO 3 also with the other learners' `join_gather`), straight from the parameters. Returns the
-        checksum of what was sent when `runtime.sync_check` asks for it (a float64 pass over every weight)."""
+    def publish_weights(self) -> Any:
+        """This rank's part in publishing the new weights (`egrpo.runtime.weight_sync`); every rank is called.
+        Object store (LoRA): rank 0 returns its trainable state dict, the others None (under ZeRO 3 they join
+        its gather). Broadcast (full weights): rank 0 sends every bucket to the rollout workers' `receive_weights`
+        as it is gathered, and returns the checksum of what it sent when `runtime.sync_check` asks (computed
+        on the device); the other ranks join the ZeRO 3 gathers and return 0."""
         learner = self._ready()
-        with learner.gathered():
-            state = learner.policy.trainable_tensors()
-            broadcast_state(self._weight_group, state, int(self.cfg.runtime.sync_bucket_mb * 2**20),
-                            self._weight_device)
-            return weights_checksum(state) if self.cfg.runtime.sync_check else 0.0
-
-    def join_gather(self) -> None:
-        """Take part in rank 0's gathering of the ZeRO-3-sharded weights (a collective), keeping nothing."""
-        with self._ready().gathered():
-            pass
+        if not self.cfg.broadcast_weights:
+            state = learner.trainable_state_dict()
+            return state if learner.settings.rank == 0 else None
+        checksum = Checksum()
+        for tensors in learner.weight_buckets(int(self.cfg.runtime.sync_bucket_mb * 2**20)):
+            if tensors:
+                broadcast_bucket(self._weight_group, tensors, self._weight_device)
+                if self.cfg.runtime.sync_check:
+                    checksum.add(tensors)
+        return checksum.total
 
     def save_state(self, folder: str | Path) -> None:
         self._ready().save_state(Path(folder))
