@@ -147,6 +147,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, name=cfg.run.name + "-eval", wandb="disabled"))
     from egrpo.checkpoint import resolve_checkpoint
     from egrpo.report import save_image_grid, write_eval_table
+    from egrpo.trainer import SHOWN_IMAGES
 
     checkpoint = resolve_checkpoint(Path(args.checkpoint))
     if cfg.runtime.backend == "local":
@@ -163,7 +164,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else cfg.run_dir
     out.mkdir(parents=True, exist_ok=True)
     table = write_eval_table(base, tuned, out / "eval.md", out / "eval.csv", checkpoint)
-    shown = min(8, len(trainer.eval_prompts))
+    shown = min(SHOWN_IMAGES, len(trainer.eval_prompts))
     save_image_grid([base_images[:shown], tuned_images[:shown]], ["base", checkpoint.name],
                     trainer.eval_prompts[:shown], out / "eval_grid.png")
     print(table)

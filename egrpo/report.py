@@ -14,6 +14,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+from egrpo.images import to_float_images  # noqa: E402
+
 
 class MetricsLog:
     """Appends one JSON line per record to `metrics.jsonl`; mirrors it to wandb unless wandb is disabled."""
@@ -65,10 +67,12 @@ def plot_reward_curve(records: list[dict[str, Any]], path: Path, title: str) -> 
 
 
 def save_image_grid(rows: list[torch.Tensor], row_labels: list[str], captions: list[str], path: Path) -> None:
-    """A grid with one row per tensor of images (N, 3, H, W) in [0, 1]; columns captioned by `captions`."""
+    """A grid with one row per tensor of images (N, 3, H, W), uint8 or float in [0, 1]; columns captioned by
+    `captions`."""
     cols = max(len(r) for r in rows)
     fig, axes = plt.subplots(len(rows), cols, figsize=(1.3 * cols, 1.5 * len(rows) + 0.3), squeeze=False)
     for r, (images, label) in enumerate(zip(rows, row_labels, strict=True)):
+        images = to_float_images(images)
         for c in range(cols):
             ax = axes[r][c]
             ax.set_xticks([])

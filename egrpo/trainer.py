@@ -23,7 +23,7 @@ from egrpo.config import Config, dump_config, to_dict
 from egrpo.data.prompts import load_prompts
 from egrpo.learner import GRPOLearner, make_minibatches
 from egrpo.report import MetricsLog, mean_or_nan, plot_reward_curve, save_image_grid
-from egrpo.rewards.base import build_reward_models, score_all
+from egrpo.rewards.base import build_reward_models, score_samples
 from egrpo.sampling.plans import noise_spec, ode_plan
 from egrpo.sampling.rollout import ProbeResult, RolloutResult, SamplerSettings, probe_entropies, run_plan
 from egrpo.sampling.steps import sigma_schedule
@@ -33,6 +33,7 @@ log = logging.getLogger("egrpo")
 
 TOY_CHECKPOINT = Path(__file__).parent / "toyworld" / "checkpoint"
 EVAL_SEED = 10_000  # held-out samples use seeds EVAL_SEED + k, the same at every evaluation
+SHOWN_IMAGES = 8  # held-out samples in the before/after grids (`evaluate` returns at least these images)
 
 
 def resolve_model_path(path: str) -> Path:
@@ -64,6 +65,8 @@ def load_policy(cfg: Config, device: torch.device | None = None, keep_reference:
                               keep_reference=keep_reference)
     if m.gradient_checkpointing:
         policy.transformer.enable_gradient_checkpointing()
+    if cfg.sampler.vae_tiling:
+        policy.enable_vae_tiling()
     return policy
 
 
@@ -72,9 +75,25 @@ def load_reward_models(cfg: Config) -> list:
     return build_reward_models(cfg.rewards.weights, cfg.rewards.paths, str(pick_device(cfg.run.device)))
 
 
-def sampler_settings(cfg: Config) -> SamplerSettings:
+CUDA_DECODE_BATCH_SIZE = 4  # FLUX's VAE needs ~1.35 GiB per 720x720 image in bf16: a batch of 32, ~43 GB
+
+
+def resolve_decode_batch_size(decode_batch_size: int, batch_size: int, device: torch.device) -> int:
+    """Images per VAE decode call: `sampler.decode_batch_size`, or when that is 0, CUDA_DECODE_BATCH_SIZE on a
+    CUDA device and the transformer batch (`sampler.batch_size`) elsewhere."""
+    if decode_batch_size:
+        return decode_batch_size
+    return CUDA_DECODE_BATCH_SIZE if device.type == "cuda" else batch_size
+
+
+def sampler_settings(cfg: Config, device: torch.device | None = None) -> SamplerSettings:
+    """The rollout sampler's settings, the decode batch resolved for `device`: the policy's (default: the run's
+    device, where `load_policy` puts it)."""
     s = cfg.sampler
-    return SamplerSettings(sigma_schedule(s.steps, s.shift), noise_spec(cfg), s.logprob_reduction, s.decode_from)
+    decode_batch_size = resolve_decode_batch_size(s.decode_batch_size, s.batch_size,
+                                                  device or pick_device(cfg.run.device))
+    return SamplerSettings(sigma_schedule(s.steps, s.shift), noise_spec(cfg), s.logprob_reduction, s.decode_from,
+                           batch_size=s.batch_size, decode_batch_size=decode_batch_size)
 
 
 def probe_settings(cfg: Config):
@@ -196,7 +215,7 @@ class TrainingLoop:
             outputs = RunOutputs(self.run_dir, self.log.path, self.run_dir / "reward_curve.png",
                                  self.run_dir / "samples.png", self.checkpoint)
             plot_reward_curve(self.log.records(), outputs.reward_curve, f"{cfg.run.name} ({cfg.plan.method})")
-            shown = min(8, len(self.eval_prompts))
+            shown = min(SHOWN_IMAGES, len(self.eval_prompts))
             save_image_grid([start_images[:shown], images[:shown]], ["start", "end"], self.eval_prompts[:shown],
                             outputs.sample_grid)
         finally:
@@ -224,10 +243,11 @@ class Trainer(TrainingLoop):
         self._open_log(resumed=resume is not None)
 
     def evaluate(self) -> tuple[dict[str, float], torch.Tensor]:
-        """Mean rewards of deterministic (ODE) samples on the held-out prompts, with fixed seeds."""
+        """Mean rewards of deterministic (ODE) samples on the held-out prompts, with fixed seeds; their uint8
+        images."""
         result = run_plan(self.policy, held_out_plan(self.cfg, self.eval_prompts), self.settings)
-        images, prompts = result.samples["images"], result.samples["prompt"]
-        return eval_metrics(self.cfg, score_all(self.reward_models, images, prompts)), images
+        images = result.samples["images"]
+        return eval_metrics(self.cfg, score_samples(self.reward_models, result.samples)), images
 
     def iteration(self, iteration: int) -> dict[str, Any]:
         cfg = self.cfg
@@ -239,7 +259,7 @@ class Trainer(TrainingLoop):
         result = run_plan(self.policy, plans, self.settings)
         self.scheduler.receive(result.samples["plan"])
         t1 = time.perf_counter()
-        rewards = score_all(self.reward_models, result.samples["images"], result.samples["prompt"])
+        rewards = score_samples(self.reward_models, result.samples)
         steps, metrics = score_rollout(cfg, result, rewards)
         metrics.update(self.scheduler.check_complete())
         t2 = time.perf_counter()

@@ -5,7 +5,7 @@ import socket
 
 import torch
 
-from egrpo.runtime.weight_sync import GroupAddress, broadcast_state, buckets, host_store, join
+from egrpo.runtime.weight_sync import GroupAddress, broadcast_state, buckets, host_store, join, tensor_specs
 
 BUCKET = 1000  # bytes: forces several buckets
 
@@ -28,7 +28,7 @@ def _free_port() -> int:
 
 def test_buckets_are_sorted_single_dtype_and_bounded():
     state = _state(0)
-    cut = buckets(state, BUCKET)
+    cut = buckets(tensor_specs(state), BUCKET)
     assert [n for names in cut for n in names] == sorted(state)
     for names in cut:
         assert len({state[n].dtype for n in names}) == 1
@@ -60,7 +60,7 @@ def _broadcast_round(store, address: GroupAddress, receivers: int) -> list:
         assert p.exitcode == 0
     expected = {k: v.float().tolist() for k, v in sent.items()}
     for _rank, member_calls, received in results:
-        assert member_calls == calls == len(buckets(sent, BUCKET))
+        assert member_calls == calls == len(buckets(tensor_specs(sent), BUCKET))
         assert received == expected  # every receiver now holds rank 0's tensors exactly
     return results
 

@@ -282,6 +282,14 @@ class FlowPolicy:
             images = vae.decode(latents, return_dict=False)[0].float()
         return (images / 2 + 0.5).clamp(0, 1)
 
+    def enable_vae_tiling(self) -> None:
+        """Decode (and encode) in overlapping tiles, diffusers' `AutoencoderKL.enable_tiling`: the VAE's memory
+        per image stops growing with the image's size, and pixels near tile seams change slightly. A tile is the
+        VAE's `tile_sample_min_size` (its config's `sample_size`: 1024 px for FLUX's and SD3.5's VAEs), so
+        smaller images still decode whole. Pixel latents (no VAE) decode exactly as before."""
+        if self.pipe.vae is not None:
+            self.pipe.vae.enable_tiling()
+
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """Inverse of `decode`, for preparing flow-matching training data: images (B, 3, H, W) in [0, 1] to
         float32 latents in the sampler's shape. The VAE's posterior mode is used, so it is deterministic."""
@@ -393,7 +401,11 @@ class FlowPolicy:
         self.finetune_mode = mode
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        return [p for p in self.transformer.parameters() if p.requires_grad]
+        return list(self.named_trainable_parameters().values())
+
+    def named_trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
+        """The trained parameters under the transformer's module names (the full-weight broadcast's names)."""
+        return {name: p for name, p in self.transformer.named_parameters() if p.requires_grad}
 
     @property
     def active_transformer(self) -> torch.nn.Module:

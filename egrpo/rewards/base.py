@@ -2,7 +2,9 @@
 
 A *reward model* scores a batch of images against their prompts and returns one or more named rewards
 ("toy_colour", "pickscore", ...). The config names rewards, not models; `build_reward_models` loads each
-model those rewards need exactly once, and `score_all` merges their outputs into one dict.
+model those rewards need exactly once, and `score_all` merges their outputs into one dict. Models score
+float images in [0, 1]; `score_all` also takes the uint8 images rollouts carry (egrpo.images) and converts
+them, once, for all its models.
 
 Each registered model declares the reward names it produces, so a name can be resolved to its model without
 loading any weights. A model that needs weights reads them from a local path, given per *model* name in the
@@ -27,6 +29,9 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
+
+from egrpo.batch import Batch
+from egrpo.images import to_float_images
 
 # The config key that maps model names to local weights; errors name it so the user knows what to set.
 PATHS_KEY = "rewards.paths"
@@ -138,9 +143,11 @@ def score_all(
     models: Iterable[RewardModel], images: torch.Tensor, prompts: list[str]
 ) -> dict[str, torch.Tensor]:
     """Every reward of every model, as one dict of (B,) float32 CPU tensors; NaNs are kept for the caller.
+    `images` (B, 3, H, W) are uint8 (x / 255 is scored) or float in [0, 1].
 
     Checks each model's output against its declared names and the batch size, so a broken model fails here
     with its name rather than later as a shape error in the advantage computation."""
+    images = to_float_images(images)
     batch = images.shape[0]
     merged: dict[str, torch.Tensor] = {}
     for model in models:
@@ -156,3 +163,11 @@ def score_all(
                 raise ValueError(f"reward {name!r} is produced by more than one model")
             merged[name] = value.detach().to("cpu", torch.float32)
     return merged
+
+
+def score_samples(models: Iterable[RewardModel], samples: Batch) -> dict[str, torch.Tensor]:
+    """`score_all` on a rollout's samples (egrpo.sampling.rollout), NaN where a sample's decoded image was
+    not finite: its uint8 image no longer shows that, and a NaN reward keeps the sample out of training."""
+    rewards = score_all(models, samples["images"], samples["prompt"])
+    unscorable = ~samples["image_finite"]
+    return {name: value.masked_fill(unscorable, float("nan")) for name, value in rewards.items()}

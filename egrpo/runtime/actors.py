@@ -19,7 +19,7 @@ import torch
 
 from egrpo.batch import Batch
 from egrpo.config import Config
-from egrpo.runtime.weight_sync import GroupAddress, broadcast_state, join, weights_checksum
+from egrpo.runtime.weight_sync import GroupAddress, StaleWeightsError, broadcast_state, join, weights_checksum
 from egrpo.sampling.plans import SamplePlan
 from egrpo.sampling.rollout import ProbeRequest, ProbeResult, RolloutResult, probe_entropies, run_plan
 from egrpo.scheduler import Scheduler
@@ -30,20 +30,34 @@ def _set_threads(cpus: float) -> None:
     torch.set_num_threads(max(1, int(cpus)))
 
 
-class StaleWeightsError(RuntimeError):
-    """A rollout was asked for weights this worker does not hold and that do not travel with the call (full
-    weights come by broadcast): the worker restarted and missed them. The driver re-forms the broadcast
-    group, sends the weights and resubmits the shard."""
-
-
 @dataclass
 class RolloutShard:
+    """What the driver receives of one worker's rollout: everything but the pixels and the latents, which stay
+    in the object store (the rollout call's other two returns) until a reward server or a learner reads them."""
+
     sample_ids: list[int]
-    result: RolloutResult
+    result: RolloutResult  # samples without images; trained steps without x_in / x_out
     weights_version: int
     worker: str
     seconds: float
     embeddings: dict[str, dict[str, torch.Tensor]]  # its prompts' conditioning, for learners without encoders
+
+
+LATENT_COLUMNS = ("x_in", "x_out")  # the trained steps' large columns, sent to the learners by reference
+
+
+def split_for_transport(shard: RolloutShard) -> tuple[RolloutShard, Batch, Batch]:
+    """(summary, images, latents) of a shard: the summary without the images and the trained steps' latents; the
+    images with what scoring needs (image_finite, prompt); the latents in the trained steps' order."""
+    samples, steps = shard.result.samples, shard.result.train_steps
+    images = Batch({k: samples[k] for k in ("images", "image_finite")}, {"prompt": samples["prompt"]})
+    summary_samples = Batch({k: v for k, v in samples.tensors.items() if k != "images"}, samples.meta)
+    latents = Batch({k: steps[k] for k in LATENT_COLUMNS if k in steps.tensors})
+    summary_steps = Batch({k: v for k, v in steps.tensors.items() if k not in LATENT_COLUMNS}, steps.meta)
+    summary = RolloutShard(shard.sample_ids, RolloutResult(summary_samples, summary_steps,
+                                                           shard.result.transformer_calls),
+                           shard.weights_version, shard.worker, shard.seconds, shard.embeddings)
+    return summary, images, latents
 
 
 @ray.remote(max_restarts=-1, max_task_retries=-1)
@@ -53,10 +67,11 @@ class RolloutWorker:
 
         _set_threads(cpus)
         self.policy = load_policy(cfg, keep_reference=cfg.plan.method == "aegpo")  # for E_ref; KL is the learners'
-        self.settings = sampler_settings(cfg)
+        self.settings = sampler_settings(cfg, self.policy.device)
         self.probe_settings = probe_settings(cfg)
         self.version = -1  # initial weights; version 0 is the learners' first broadcast
         self.bucket_bytes = int(cfg.runtime.sync_bucket_mb * 2**20)
+        self.broadcast = cfg.broadcast_weights
         self.group, self.generation = None, -1  # full-weight broadcast group (egrpo.runtime.weight_sync)
 
     def sync(self, weights: list, version: int) -> None:
@@ -70,28 +85,37 @@ class RolloutWorker:
         self.version = version
 
     def join_weight_group(self, address: GroupAddress, rank: int) -> None:
-        self.group = join(address, rank)
+        old, self.group = self.group, join(address, rank)
         self.generation = address.generation
+        if old is not None and address.backend == "nccl":  # free the previous generation's communicator
+            old.abort()
 
     def weight_group_generation(self) -> int:
         """-1 after a restart: the driver then re-forms the group."""
         return self.generation
 
     def receive_weights(self, version: int) -> None:
-        """Collective with the learner's `broadcast_weights`: receive the full weights, stamped `version`."""
-        broadcast_state(self.group, self.policy.trainable_tensors(), self.bucket_bytes, self.policy.device)
+        """Collective with the learners' `publish_weights`: receive the full weights into the live parameters,
+        stamped `version`."""
+        broadcast_state(self.group, self._broadcast_tensors(), self.bucket_bytes, self.policy.device)
         self.version = version
 
+    def _broadcast_tensors(self) -> dict[str, torch.Tensor]:
+        return {name: p.detach() for name, p in self.policy.named_trainable_parameters().items()}
+
+    @ray.method(num_returns=3)
     def rollout(self, plans: list[SamplePlan], sample_ids: list[int], weights: list, version: int,
-                with_embeddings: bool = False) -> RolloutShard:
-        """Run `plans` with weights `version`; `with_embeddings`: also return the prompts' conditioning (for
-        learners without text encoders)."""
+                with_embeddings: bool = False) -> tuple[RolloutShard, Batch, Batch]:
+        """Run `plans` with weights `version`; returns three objects (`split_for_transport`): the summary the
+        driver reads, the uint8 images for a reward server, the trained steps' latents for the learners.
+        `with_embeddings`: the summary also brings the prompts' conditioning (for learners without encoders)."""
         self.sync(weights, version)
         start = time.perf_counter()
         result = run_plan(self.policy, plans, self.settings)
         embeddings = self.policy.prompt_embeddings([p.prompt for p in plans]) if with_embeddings else {}
-        return RolloutShard(sample_ids, result, self.version, ray.get_runtime_context().get_actor_id(),
-                            time.perf_counter() - start, embeddings)
+        return split_for_transport(RolloutShard(sample_ids, result, self.version,
+                                                ray.get_runtime_context().get_actor_id(),
+                                                time.perf_counter() - start, embeddings))
 
     def probe(self, requests: list[ProbeRequest], weights: list, version: int) -> ProbeResult:
         """AEGPO's anchor pass with attention-entropy probes (egrpo.sampling.rollout.probe_entropies)."""
@@ -99,7 +123,8 @@ class RolloutWorker:
         return probe_entropies(self.policy, requests, self.settings, self.probe_settings)
 
     def weights_checksum(self) -> float:
-        return weights_checksum(self.policy.trainable_state_dict())
+        """The checksum of the weights held, under the names the sync sends them by, computed on the device."""
+        return weights_checksum(self._broadcast_tensors() if self.broadcast else self.policy.trainable_tensors())
 
     def pid(self) -> int:
         return os.getpid()
@@ -117,9 +142,11 @@ class RewardServer:
         self.models = load_reward_models(cfg)
 
     def score(self, samples: Batch) -> dict[str, torch.Tensor]:
-        from egrpo.rewards.base import score_all
+        """Every reward of `samples` (a rollout's images, handed over by reference from the rollout worker);
+        NaN for an image that did not decode finite."""
+        from egrpo.rewards.base import score_samples
 
-        return score_all(self.models, samples["images"], samples["prompt"])
+        return score_samples(self.models, samples)
 
 
 @ray.remote(num_cpus=0)

@@ -16,6 +16,8 @@ import math
 import os
 import socket
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -30,12 +32,14 @@ from egrpo.batch import Batch
 from egrpo.checkpoint import resolve_checkpoint
 from egrpo.config import Config
 from egrpo.learner import make_minibatches
-from egrpo.runtime.actors import BudgetScheduler, RewardServer, RolloutShard, RolloutWorker, StaleWeightsError
+from egrpo.runtime.actors import BudgetScheduler, RewardServer, RolloutShard, RolloutWorker
 from egrpo.runtime.learner import LearnerActor, LearnerSettings, slice_for_ranks
-from egrpo.runtime.weight_sync import GroupAddress, weights_checksum
+from egrpo.runtime.weight_sync import BroadcastSync, ObjectStoreSync, StaleWeightsError
+from egrpo.sampling.plans import SamplePlan
 from egrpo.sampling.rollout import ProbeResult, RolloutResult
 from egrpo.scheduler import split_by_prompt
 from egrpo.trainer import (
+    SHOWN_IMAGES,
     TrainingLoop,
     eval_metrics,
     held_out_plan,
@@ -46,7 +50,8 @@ from egrpo.trainer import (
 
 log = logging.getLogger("egrpo.runtime")
 
-# What every actor's process needs: offline model loading, quiet telemetry, and CPU DeepSpeed when no GPU.
+# What every actor's process needs: offline model loading, quiet telemetry. No DS_ACCELERATOR: each learner
+# picks DeepSpeed's accelerator from its own device (the driver may run on a node without GPUs).
 ACTOR_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0",
              "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled", "TRANSFORMERS_VERBOSITY": "error",
              "DIFFUSERS_VERBOSITY": "error"}
@@ -84,8 +89,6 @@ def connect(cfg: Config) -> None:
         return
     address = cfg.runtime.address or os.environ.get("RAY_ADDRESS", "")
     env = dict(ACTOR_ENV)
-    if not torch.cuda.is_available():
-        env["DS_ACCELERATOR"] = "cpu"
     if address:
         log.info("joining the Ray cluster at %s", address)
         probe_address(address)
@@ -151,21 +154,52 @@ class ActorGroup:
 
 
 def merge_shards(shards: list[RolloutShard], total: int) -> RolloutResult:
-    """Put the workers' shards back into plan order, with `sample` indices that refer to the whole plan."""
+    """Put the workers' shard summaries back into plan order, with `sample` indices that refer to the whole
+    plan. Each trained step also records where its latents are: `shard` (index into `shards`) and `row` there."""
     samples, steps, calls = [], [], 0
-    for shard in shards:
+    for index, shard in enumerate(shards):
         ids = shard.sample_ids
         s = shard.result.samples
         samples.append(Batch(s.tensors, {**s.meta, "plan": ids}))
         t = shard.result.train_steps
         if len(t):
-            steps.append(Batch(t.tensors, {**t.meta, "sample": [ids[k] for k in t["sample"]]}))
+            where = {"shard": torch.full((len(t),), index), "row": torch.arange(len(t))}
+            steps.append(Batch({**t.tensors, **where}, {**t.meta, "sample": [ids[k] for k in t["sample"]]}))
         calls += shard.result.transformer_calls
     merged = Batch.concat(samples)
     order = sorted(range(total), key=lambda k: merged["plan"][k])
     train_steps = Batch.concat(steps)
     step_order = sorted(range(len(train_steps)), key=lambda k: train_steps["sample"][k])  # stable: plan order
     return RolloutResult(merged.select(order), train_steps.select(step_order), calls)
+
+
+@dataclass
+class Pending:
+    """A rollout-worker call in flight: the worker, how to make the call again (after a restart), its refs."""
+
+    worker: int
+    call: Callable[[Any], Any]
+    refs: Any  # one ObjectRef, or a rollout's three (summary, images, latents)
+
+
+@dataclass
+class RolloutShardRefs:
+    """A rollout shard as the driver holds it: the summary fetched, images and latents left in the object store."""
+
+    summary: RolloutShard
+    images: Any
+    latents: Any
+
+
+@dataclass
+class PlannedIteration:
+    """An iteration from its plan to its rollouts in flight (started early under `runtime.overlap`)."""
+
+    iteration: int
+    plans: list[SamplePlan]
+    probes: ProbeResult | None
+    times: dict[str, float]  # time/probe, time/schedule
+    rollouts: list[Pending]
 
 
 class RayTrainer(TrainingLoop):
@@ -190,13 +224,17 @@ class RayTrainer(TrainingLoop):
         self.learners = ActorGroup("learner", LearnerActor, *roles["learner"], r.placement, timeout, cfg,
                                    roles["learner"][1])
         self._setup_learners()
-        self.version = 0
-        self.weights, self.weight_store, self.generation, self.sent_checksum = None, None, -1, 0.0
-        self.prefetched: tuple | None = None
+        if cfg.broadcast_weights:
+            self.sync: ObjectStoreSync | BroadcastSync = BroadcastSync(
+                self.learners.actors, self.rollout.actors, self._get, "nccl" if use_gpus else "gloo", timeout)
+        else:
+            self.sync = ObjectStoreSync(self.learners.actors, self.rollout.actors, self._get, timeout)
+        self.prefetched: PlannedIteration | None = None
         self.state_before_prefetch = None  # the scheduler's state before an overlapped draw (checkpoints)
+        version = 0
         if resume is not None:
-            self._resume(Path(self.run_dir if resume == "auto" else resume))
-        self._send_weights()
+            version = self._resume(Path(self.run_dir if resume == "auto" else resume))
+        self.sync.publish(version)
         self._get(self.rollout.actors[0].pid.remote())  # the slowest actors to start; log when they are up
         log.info("actors ready in %.1f s", time.perf_counter() - start)
         self._open_log(resumed=resume is not None)
@@ -209,38 +247,9 @@ class RayTrainer(TrainingLoop):
         settings = [LearnerSettings(zero_stage=r.zero_stage, bf16=r.bf16, world_size=r.learners, rank=rank,
                                     timeout_s=r.timeout_s, **address) for rank in range(r.learners)]
         self._get([a.setup.remote(s) for a, s in zip(self.learners.actors, settings, strict=True)], "learner setup")
-
-    def _send_weights(self) -> None:
-        """Rank 0's trainable weights as version `self.version`: LoRA into the object store (the rollout
-        workers fetch it with their next call), full weights broadcast to every rollout worker now. Under
-        ZeRO 3 gathering the weights is a collective, so every rank is asked and rank 0's answer kept."""
-        gather = [a.join_gather.remote() for a in self.learners.actors[1:]] if self.cfg.runtime.zero_stage == 3 else []
-        if not self.cfg.broadcast_weights:
-            self.weights = self.learners.actors[0].trainable_state_dict.remote()
-            ray.wait([self.weights, *gather], num_returns=1 + len(gather), timeout=self.timeout)
-            return
-        generations = self._get([w.weight_group_generation.remote() for w in self.rollout.actors])
-        if self.generation < 0 or any(g != self.generation for g in generations):
-            self._form_weight_group()
-        receive = [w.receive_weights.remote(self.version) for w in self.rollout.actors]
-        sent = self.learners.actors[0].broadcast_weights.remote()
-        self.sent_checksum = self._get([sent, *gather, *receive], "weight broadcast")[0]
-
-    def _form_weight_group(self) -> None:
-        """(Re-)form the broadcast group: learner rank 0 and every rollout worker join a new generation. Run
-        at start and whenever a rollout worker restarted (it lost its member of the old group)."""
-        learner = self.learners.actors[0]
-        if self.weight_store is None:
-            self.weight_store = self._get(learner.host_weight_store.remote())
-        self.generation += 1
-        host, port = self.weight_store
-        address = GroupAddress(host, port, 1 + len(self.rollout), self.generation,
-                               "nccl" if self.use_gpus else "gloo", self.timeout)
-        log.info("forming the weight broadcast group (generation %d, %d members)", self.generation,
-                 address.world_size)
-        self._get([learner.join_weight_group.remote(address)]
-                  + [w.join_weight_group.remote(address, rank + 1) for rank, w in enumerate(self.rollout.actors)],
-                  "weight group")
+        accelerators = self._get([a.accelerator.remote() for a in self.learners.actors])
+        log.info("%d learners joined (DeepSpeed accelerator %s, ZeRO %d%s)", r.learners,
+                 "/".join(sorted(set(accelerators))), r.zero_stage, ", bf16" if r.bf16 else "")
 
     def _get(self, refs, what: str = "actor call"):
         try:
@@ -248,21 +257,32 @@ class RayTrainer(TrainingLoop):
         except ray.exceptions.GetTimeoutError:
             raise ClusterError(f"{what} did not finish in runtime.timeout_s={self.timeout:g} s") from None
 
-    def _resume(self, path: Path) -> None:
+    def _resume(self, path: Path) -> int:
+        """Load a checkpoint into the learners and the scheduler; returns the weights version it was saved at."""
         folder = resolve_checkpoint(path)
         state = json.loads((folder / "state.json").read_text())
         self._get([a.load_checkpoint.remote(str(folder)) for a in self.learners.actors])
         self._get(self.scheduler.load_state_dict.remote(state["scheduler"]))
-        self.version = state.get("weights_version", 0)  # an in-process loop's checkpoint has no versions
         self.start_iteration = state["iteration"] + 1
         self.checkpoint = folder
         log.info("resumed from %s at iteration %d", folder, self.start_iteration)
+        return state.get("weights_version", 0)  # an in-process loop's checkpoint has no versions
 
     # ------------------------------------------------------------------------------------------------ stages
+    # iteration(k): start (plan, probe, submit rollouts) -> collect -> score -> advantages -> learn (and start
+    # k+1 under overlap) -> publish the weights. `_chaos` is the one place where a test kills an actor.
 
-    def _plan(self, iteration: int) -> tuple[list, ProbeResult | None, dict[str, float]]:
+    def _chaos(self, role: str, iteration: int) -> None:
+        """`chaos.kill` / `chaos.at_iteration`: kill actor 0 of `role` now, while its calls are in flight."""
+        if self.cfg.chaos.kill != role or self.cfg.chaos.at_iteration != iteration:
+            return
+        log.warning("chaos: killing %s-0 mid-iteration", role)
+        group = {"rollout": self.rollout, "reward": self.reward, "learner": self.learners}[role]
+        ray.kill(group.actors[0], no_restart=role == "learner")  # DeepSpeed ranks cannot come back
+
+    def _start(self, iteration: int) -> PlannedIteration:
         """Draw the iteration's prompts, run AEGPO's entropy probes on the rollout workers when the method asks
-        for them, and have the scheduler turn the results into the plan. Returns (plans, probes, phase times)."""
+        for them, have the scheduler turn the results into the plan, and submit its rollouts."""
         start = time.perf_counter()
         requests = self._get(self.scheduler.draw.remote(iteration))
         probes, probe_start = None, time.perf_counter()
@@ -278,118 +298,137 @@ class RayTrainer(TrainingLoop):
         plans = self._get(self.scheduler.plan.remote(iteration, probes))
         times = {"time/probe": probe_end - probe_start,
                  "time/schedule": probe_start - start + time.perf_counter() - probe_end}
-        return plans, probes, times
+        rollouts = self._submit_rollouts(plans, training=True)
+        self._chaos("rollout", iteration)
+        return PlannedIteration(iteration, plans, probes, times, rollouts)
 
     # Rollout-worker calls read the weights and their version when they are made, so a call resubmitted
     # after a weight broadcast carries the version the worker now holds.
     def _probe_call(self, requests, worker):
-        return worker.probe.remote(requests, [self.weights], self.version)
+        return worker.probe.remote(requests, *self.sync.call_args())
 
     def _rollout_call(self, plans, ids, with_embeddings, worker):
-        return worker.rollout.remote([plans[k] for k in ids], ids, [self.weights], self.version, with_embeddings)
+        return worker.rollout.remote([plans[k] for k in ids], ids, *self.sync.call_args(), with_embeddings)
 
-    def _submit(self, calls: list[tuple[int, Any]], chaos: bool = False) -> list[tuple[int, Any, Any]]:
-        """Start `call(worker)` for each (rollout worker index, call); returns (index, call, reference)."""
-        pending = [(w, call, call(self.rollout.actors[w])) for w, call in calls]
-        if chaos:
-            log.warning("chaos: killing rollout-0 mid-iteration")
-            ray.kill(self.rollout.actors[0], no_restart=False)
-        return pending
+    def _submit(self, calls: list[tuple[int, Callable[[Any], Any]]]) -> list[Pending]:
+        """Start `call(worker)` for each (rollout worker index, call)."""
+        return [Pending(w, call, call(self.rollout.actors[w])) for w, call in calls]
 
-    def _gather(self, pending: list[tuple[int, Any, Any]], what: str) -> list:
-        """The results in order. A worker that restarted and missed a full-weight broadcast answers with
-        StaleWeightsError: the group is re-formed, the weights sent, and that call made again."""
+    def _gather(self, pending: list[Pending], what: str) -> list:
+        """The results in order (a rollout's: its `RolloutShardRefs`). A worker that restarted and missed a
+        full-weight broadcast answers with StaleWeightsError: the weights are sent again and the call remade."""
         results = []
-        for w, call, ref in pending:
+        for p in pending:
+            refs = p.refs
             try:
-                results.append(self._get(ref, what))
+                first = self._get(refs[0] if isinstance(refs, list) else refs, what)
             except StaleWeightsError:
-                log.warning("rollout-%d restarted and missed the weight broadcast; sending the weights again", w)
-                self._send_weights()
-                results.append(self._get(call(self.rollout.actors[w]), what))
+                log.warning("rollout-%d restarted and missed the weight broadcast; sending the weights again",
+                            p.worker)
+                self.sync.recover()
+                refs = p.call(self.rollout.actors[p.worker])
+                first = self._get(refs[0] if isinstance(refs, list) else refs, what)
+            results.append(RolloutShardRefs(first, *refs[1:]) if isinstance(refs, list) else first)
         return results
 
-    def _submit_rollouts(self, plans, chaos: bool = False, training: bool = False) -> list[tuple[int, Any, Any]]:
+    def _submit_rollouts(self, plans, training: bool = False) -> list[Pending]:
         """Start the shards of a plan on the rollout workers (split by prompt, balanced by work). Training
         rollouts bring their prompt embeddings when the learners have no text encoders."""
         shards = split_by_prompt(plans, len(self.rollout))
         with_embeddings = training and not self.cfg.model.learner_text_encoders
         return self._submit([(w, partial(self._rollout_call, plans, ids, with_embeddings))
-                             for w, ids in enumerate(shards) if ids], chaos)
+                             for w, ids in enumerate(shards) if ids])
 
-    def _rollouts(self, plans, pending: list | None = None) -> tuple[RolloutResult, list[RolloutShard]]:
-        results = self._gather(pending if pending is not None else self._submit_rollouts(plans), "rollout")
-        return merge_shards(results, len(plans)), results
+    def _collect(self, plans, pending: list[Pending]) -> tuple[RolloutResult, list[RolloutShardRefs]]:
+        """Wait for a plan's rollouts; returns the summaries merged in plan order (no images, no latents)."""
+        shards = self._gather(pending, "rollout")
+        return merge_shards([s.summary for s in shards], len(plans)), shards
 
-    def _score(self, samples: Batch, chaos: bool = False) -> dict[str, torch.Tensor]:
-        parts = [p for p in samples.split(len(self.reward)) if len(p)]
-        refs = [server.score.remote(part) for server, part in zip(self.reward.actors, parts, strict=False)]
-        if chaos:
-            log.warning("chaos: killing reward-0 mid-iteration")
-            ray.kill(self.reward.actors[0], no_restart=False)
+    def _score(self, shards: list[RolloutShardRefs], total: int, iteration: int = -1) -> dict[str, torch.Tensor]:
+        """Rewards in plan order. Each shard's images go from its rollout worker's output straight to a reward
+        server (by reference, round robin over the servers): the driver receives rewards, never pixels."""
+        servers = self.reward.actors
+        refs = [servers[k % len(servers)].score.remote(shard.images) for k, shard in enumerate(shards)]
+        self._chaos("reward", iteration)
         scores = self._get(refs, "reward scoring")
-        return {name: torch.cat([s[name] for s in scores]) for name in scores[0]}
+        rewards = {name: torch.full((total,), float("nan")) for name in scores[0]}
+        for shard, score in zip(shards, scores, strict=True):
+            for name, values in score.items():
+                rewards[name][shard.summary.sample_ids] = values
+        return rewards
+
+    def _images(self, shards: list[RolloutShardRefs], count: int) -> torch.Tensor:
+        """The uint8 images of plan samples 0..count-1, fetched from the shards that hold them."""
+        images: dict[int, torch.Tensor] = {}
+        for shard in shards:
+            wanted = [k for k, plan_id in enumerate(shard.summary.sample_ids) if plan_id < count]
+            if wanted:
+                fetched = self._get(shard.images)["images"]
+                images.update({shard.summary.sample_ids[k]: fetched[k] for k in wanted})
+        return torch.stack([images[k] for k in range(count)])
 
     def evaluate(self) -> tuple[dict[str, float], torch.Tensor]:
-        result, _ = self._rollouts(held_out_plan(self.cfg, self.eval_prompts))
-        images = result.samples["images"]
-        return eval_metrics(self.cfg, self._score(result.samples)), images
+        plans = held_out_plan(self.cfg, self.eval_prompts)
+        _, shards = self._collect(plans, self._submit_rollouts(plans))
+        rewards = self._score(shards, len(plans))
+        return eval_metrics(self.cfg, rewards), self._images(shards, min(SHOWN_IMAGES, len(plans)))
+
+    def _learn(self, iteration: int, steps: Batch, shards: list[RolloutShardRefs]) -> dict[str, float]:
+        """The learners' step on the trained steps, which travel as references: each rank gets its padded
+        slices of every minibatch (small columns, plus where each row's latents are) and the shards' latent
+        references, and fetches its rows itself. Under overlap, iteration k+1 starts while they train."""
+        minibatches = make_minibatches(steps, self.cfg.train.batch_size, minibatch_seed(self.cfg, iteration),
+                                       min_size=len(self.learners))
+        per_rank = [ray.put(part) for part in slice_for_ranks(minibatches, len(self.learners))]
+        latents = [shard.latents for shard in shards]
+        # model.learner_text_encoders=false: the learners' prompt embeddings, put once for all ranks
+        embeddings = {p: cond for shard in shards for p, cond in shard.summary.embeddings.items()}
+        embeddings = ray.put(embeddings) if embeddings else None
+        refs = [a.train.remote(part, latents, embeddings)
+                for a, part in zip(self.learners.actors, per_rank, strict=True)]
+        self._prefetch(iteration + 1)
+        self._chaos("learner", iteration)
+        try:
+            per_rank = self._get(refs, "learner step")
+        except ray.exceptions.RayActorError as e:
+            raise ClusterError(
+                f"a learner died at iteration {iteration} ({type(e).__name__}); DeepSpeed ranks cannot be "
+                f"replaced mid-run. Resume from the last checkpoint ({self.checkpoint or 'none yet'}) with "
+                f"`egrpo train CONFIG --resume auto`") from None
+        # the ranks' statistics are weighted sums (slice_for_ranks): their mean is the whole minibatch's
+        metrics = {k: sum(m[k] for m in per_rank) / len(per_rank) for k in per_rank[0]}
+        for key in ("train/ratio_max_dev", "train/first_ratio_max_dev", "train/rollout_logp_mismatch"):
+            metrics[key] = max(m[key] for m in per_rank)  # maxima, not means
+        return metrics
 
     def iteration(self, iteration: int) -> dict[str, Any]:
-        cfg = self.cfg
-        chaos = cfg.chaos.kill if cfg.chaos.at_iteration == iteration else ""
-        if self.prefetched is not None:  # started during the previous iteration's learner step
-            plans, probes, plan_times, refs = self.prefetched
-            self.prefetched = None
-        else:
-            plans, probes, plan_times = self._plan(iteration)
-            refs = self._submit_rollouts(plans, chaos == "rollout", training=True)
+        planned, self.prefetched = self.prefetched or self._start(iteration), None
         t1 = time.perf_counter()
-        result, shards = self._rollouts(plans, refs)
+        result, shards = self._collect(planned.plans, planned.rollouts)
         for shard in shards:
-            self.scheduler.receive.remote(shard.sample_ids)
+            self.scheduler.receive.remote(shard.summary.sample_ids)
         t2 = time.perf_counter()
-        rewards = self._score(result.samples, chaos == "reward")
-        steps, metrics = score_rollout(cfg, result, rewards)
+        rewards = self._score(shards, len(planned.plans), iteration)
+        steps, metrics = score_rollout(self.cfg, result, rewards)
         metrics.update(self._get(self.scheduler.check_complete.remote()))
         t3 = time.perf_counter()
         if len(steps):
-            minibatches = make_minibatches(steps, cfg.train.batch_size, minibatch_seed(cfg, iteration),
-                                           min_size=len(self.learners))
-            per_rank = [ray.put(part) for part in slice_for_ranks(minibatches, len(self.learners))]
-            # model.learner_text_encoders=false: the learners' prompt embeddings, put once for all ranks
-            embeddings = {p: cond for shard in shards for p, cond in shard.embeddings.items()}
-            embeddings = ray.put(embeddings) if embeddings else None
-            refs = [a.train.remote(part, embeddings)
-                    for a, part in zip(self.learners.actors, per_rank, strict=True)]
-            self._prefetch(iteration + 1)
-            if chaos == "learner":
-                log.warning("chaos: killing learner-0 mid-iteration")
-                ray.kill(self.learners.actors[0], no_restart=True)
-            try:
-                per_rank = self._get(refs, "learner step")
-                metrics.update({k: sum(m[k] for m in per_rank) / len(per_rank) for k in per_rank[0]})
-            except ray.exceptions.RayActorError as e:
-                raise ClusterError(
-                    f"a learner died at iteration {iteration} ({type(e).__name__}); DeepSpeed ranks cannot be "
-                    f"replaced mid-run. Resume from the last checkpoint ({self.checkpoint or 'none yet'}) with "
-                    f"`egrpo train CONFIG --resume auto`") from None
+            metrics.update(self._learn(iteration, steps, shards))
         t4 = time.perf_counter()
-        self.version += 1
-        self._send_weights()
+        self.sync.publish(self.sync.version + 1)
         t5 = time.perf_counter()
-        if cfg.runtime.sync_check:
-            metrics["sync/max_checksum_error"] = self.sync_check()
-        staleness = [self.version - 1 - s.weights_version for s in shards]
+        if self.cfg.runtime.sync_check:
+            metrics["sync/max_checksum_error"] = self.sync.check()
+        staleness = [self.sync.version - 1 - s.summary.weights_version for s in shards]
         metrics.update({
             "time/rollout": t2 - t1, "time/reward": t3 - t2, "time/learn": t4 - t3,
             "time/sync": t5 - t4, "images_per_s": len(result.samples) / (t2 - t1),
             "nfe/rollout": result.transformer_calls, "staleness/max": max(staleness, default=0),
-            "weights_version": self.version,
+            "weights_version": self.sync.version,
         })
-        metrics.update(plan_times)
-        if probes is not None:
-            metrics.update(probe_metrics(probes, plan_times["time/probe"], t2 - t1))
+        metrics.update(planned.times)
+        if planned.probes is not None:
+            metrics.update(probe_metrics(planned.probes, planned.times["time/probe"], t2 - t1))
         return metrics
 
     def _prefetch(self, iteration: int) -> None:
@@ -398,34 +437,21 @@ class RayTrainer(TrainingLoop):
         if not self.cfg.runtime.overlap or iteration >= self.cfg.train.iterations:
             return
         self.state_before_prefetch = self.scheduler.state_dict.remote()  # actor calls run in order
-        plans, probes, plan_times = self._plan(iteration)
-        chaos = self.cfg.chaos.kill == "rollout" and self.cfg.chaos.at_iteration == iteration
-        self.prefetched = (plans, probes, plan_times, self._submit_rollouts(plans, chaos, training=True))
+        self.prefetched = self._start(iteration)
 
     def publish(self, record: dict[str, Any]) -> None:
         self.scheduler.publish.remote(record)
 
     def load_weights(self, checkpoint: Path) -> None:
         self._get([a.load_checkpoint.remote(str(checkpoint)) for a in self.learners.actors], "checkpoint load")
-        self.version += 1
-        self._send_weights()
-
-    def sync_check(self) -> float:
-        """Push the current weights to every rollout worker now and compare their checksums with rank 0's."""
-        if self.cfg.broadcast_weights:  # already received by every worker in `_send_weights`
-            sent = self.sent_checksum
-        else:
-            sent = weights_checksum(ray.get(self.weights))
-            self._get([w.sync.remote([self.weights], self.version) for w in self.rollout.actors])
-        received = self._get([w.weights_checksum.remote() for w in self.rollout.actors])
-        return max(abs(r - sent) for r in received)
+        self.sync.publish(self.sync.version + 1)
 
     def save(self, iteration: int) -> Path:
         root = self.run_dir / "checkpoints"
         # with overlap the next iteration is already drawn: save the scheduler as it was before that draw
         scheduler_state = self.state_before_prefetch if self.prefetched is not None else \
             self.scheduler.state_dict.remote()
-        state = {"scheduler": self._get(scheduler_state), "weights_version": self.version,
+        state = {"scheduler": self._get(scheduler_state), "weights_version": self.sync.version,
                  "rng": "derived from run.seed and the iteration"}
         paths = self._get([a.save_checkpoint.remote(str(root), iteration, state) for a in self.learners.actors],
                           "checkpoint")

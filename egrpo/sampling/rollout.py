@@ -16,6 +16,7 @@ from typing import Literal, Protocol
 import torch
 
 from egrpo.batch import Batch
+from egrpo.images import to_uint8_images
 from egrpo.sampling.plans import SamplePlan
 from egrpo.sampling.steps import NoiseSpec, ode_step, per_sample, sde_logprob, sde_mean, x0_from_velocity
 
@@ -39,11 +40,12 @@ class SamplerSettings:
     reduction: Literal["mean", "sum"] = "mean"
     decode_from: Literal["final", "x0_hat"] = "final"
     batch_size: int = 32  # samples per transformer call
+    decode_batch_size: int = 4  # latents per decode call (FLUX's VAE: ~1.35 GiB per 720x720 image in bf16)
 
 
 @dataclass
 class RolloutResult:
-    samples: Batch  # per sample: images; meta: prompt, group, plan index
+    samples: Batch  # per sample: images (uint8), image_finite; meta: prompt, group, plan index
     train_steps: Batch  # per trained step: x_in, x_out, sigma, sigma_next, g, logp_old; meta: prompt, sample
     transformer_calls: int  # sample-forwards (NFE summed over samples), for benchmarks
 
@@ -149,13 +151,27 @@ def run_plan(policy: VelocityModel, plans: list[SamplePlan], settings: SamplerSe
             next_step[k] += 1
 
     final = x0_last if settings.decode_from == "x0_hat" else x
-    images = torch.cat([policy.decode(final[a : a + settings.batch_size])
-                        for a in range(0, len(final), settings.batch_size)])
+    images, finite = decode_images(policy, final, settings.decode_batch_size)
     samples = Batch(
-        {"images": images.float().cpu()},
+        {"images": images, "image_finite": finite},
         {"prompt": prompts, "group": [p.group for p in plans], "plan": list(range(len(plans)))},
     )
     return RolloutResult(samples, _train_steps_batch(recorded, prompts), calls)
+
+
+def decode_images(
+    policy: VelocityModel, latents: torch.Tensor, batch_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode `latents` in chunks of at most `batch_size` (the decoder's activations, not the transformer's,
+    bound this batch): uint8 (B, 3, H, W) CPU images (egrpo.images) and a (B,) bool CPU mask of the images
+    that decoded finite. A NaN latent's uint8 image no longer shows it; the mask does, so its reward can be
+    NaN."""
+    images, finite = [], []
+    for a in range(0, len(latents), batch_size):
+        decoded = policy.decode(latents[a : a + batch_size])
+        finite.append(decoded.isfinite().flatten(1).all(dim=1).cpu())
+        images.append(to_uint8_images(decoded).cpu())
+    return torch.cat(images), torch.cat(finite)
 
 
 def _train_steps_batch(recorded: list[dict], prompts: list[str]) -> Batch:
