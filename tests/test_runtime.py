@@ -227,3 +227,45 @@ def test_one_step_off_overlap_trains_on_rollouts_one_version_old(tmp_path, local
     assert [r["staleness/max"] for r in records] == [0, 1, 1]  # iterations 1 and 2 were rolled out early
     assert all(r["samples/received"] == r["samples/requested"] for r in records)
     assert all(r["train/first_ratio_max_dev"] == 0.0 for r in records)
+
+
+def test_nan_drops_leave_uneven_rows_that_two_zero3_learners_train_on(tmp_path, local_ray):
+    """The issue's reproduction (`--set plan.group_size=3 train.batch_size=7 train.micro_batch_size=1
+    runtime.learners=2 runtime.zero_stage=3`: gloo's "Received data size doesn't match" before the fix), with
+    NaN rewards on top: the reward servers drop the first sample of every shard, so the trained rows are
+    whatever is left. Two iterations train, the ranks stay equal, and the driver never holds a pixel or a
+    latent: the shard summaries carry neither, the images go to the reward servers as uint8 by reference."""
+    cfg = _config(tmp_path, "train.iterations=2", "train.batch_size=7", "train.micro_batch_size=1",
+                  "runtime.learners=2", "runtime.zero_stage=3")
+    trainer = RayTrainer(cfg)
+
+    def poison(server):  # runs inside each RewardServer (defined here, so Ray pickles it by value)
+        for model in server.models:
+            def first_sample_nan(images, prompts, score=model.score):
+                rewards = score(images, prompts)
+                for values in rewards.values():
+                    values[0] = float("nan")
+                return rewards
+
+            model.score = first_sample_nan
+
+    try:
+        ray.get([server.__ray_call__.remote(poison) for server in trainer.reward.actors])
+        planned = trainer._start(0)
+        _, shards = trainer._collect(planned.plans, planned.rollouts)
+        for shard in shards:
+            assert "images" not in shard.summary.result.samples.tensors
+            assert not {"x_in", "x_out"} & set(shard.summary.result.train_steps.tensors)
+            assert ray.get(shard.images)["images"].dtype == torch.uint8
+        trainer.prefetched = planned  # the iteration goes on from this plan
+        records = [trainer.iteration(0), trainer.iteration(1)]
+        states = ray.get([a.trainable_state_dict.remote() for a in trainer.learners.actors])
+    finally:
+        trainer.close()
+    for metrics in records:
+        assert metrics["reward/nan_dropped"] == len(shards)  # one per shard
+        # 2 prompts x 4 active steps x 3 branches, less 2 NaN-dropped: minibatches of 7, 7 and 8 rows, and a
+        # minibatch of 7 gives the two ranks 4 and 3
+        assert len(shards) == 2 and metrics["train/steps"] == 22
+        assert metrics["train/first_ratio_max_dev"] == 0.0
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
