@@ -126,7 +126,11 @@ class TrainConfig:
     weight_decay: float = _f(0.0, "AdamW weight decay")
     clip_range: float = _f(1e-4, "PPO ratio clip epsilon")
     adv_clip: float = _f(5.0, "advantages are clipped to [-adv_clip, adv_clip]")
+    adv_std_ddof: int = _f(0, "std of a group's rewards: 0 population (ours), 1 sample std (DanceGRPO, Flow-GRPO)")
     kl_beta: float = _f(0.0, "weight of the KL term to the reference policy; 0 = off")
+    kl_form: Literal["egrpo", "flow_grpo"] = _f(
+        "egrpo", "KL per element: ||mu - mu_ref||^2 / (2 g^2 |delta|) (the transition's), or / (2 g^2) (Flow-GRPO's code)"
+    )
     batch_size: int = _f(16, "trained (sample, step) pairs per optimiser step")
     micro_batch_size: int = _f(
         0, "rows per forward/backward on a learner; gradients accumulate to one step per minibatch (0 = all)"
@@ -398,6 +402,7 @@ def validate(cfg: Config) -> None:
     _require(t.clip_range > 0, "train.clip_range", "must be > 0")
     _require(t.adv_clip > 0, "train.adv_clip", "must be > 0")
     _require(t.kl_beta >= 0, "train.kl_beta", "must be >= 0")
+    _require(t.adv_std_ddof in (0, 1), "train.adv_std_ddof", f"must be 0 or 1, got {t.adv_std_ddof}")
     _require(t.batch_size >= 1, "train.batch_size", "must be >= 1")
     _require(t.epochs >= 1, "train.epochs", "must be >= 1")
     _require(t.micro_batch_size >= 0, "train.micro_batch_size", "must be >= 0")

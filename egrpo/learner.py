@@ -90,7 +90,7 @@ class GRPOLearner:
                 with torch.no_grad(), self.policy.reference():
                     mean_ref, _ = step_mean_and_std(self.policy, micro)
             loss, stats = grpo_loss(mean, std, micro, lo, self.train.clip_range, self.reduction, mean_ref,
-                                    self.train.kl_beta, micro["loss_weight"])
+                                    self.train.kl_beta, micro["loss_weight"], self.train.kl_form)
             self.backward(loss, last_micro_batch=k == len(micro_batches) - 1)
             stats["loss"] = loss.item()
             for key, value in stats.items():

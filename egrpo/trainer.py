@@ -109,7 +109,8 @@ def probe_settings(cfg: Config):
 def score_rollout(cfg: Config, result: RolloutResult, rewards: dict[str, torch.Tensor]) -> tuple[Batch, dict]:
     """Advantages per plan group, attached to the trained steps of valid samples; and reward metrics."""
     weights = cfg.rewards.weights
-    adv = group_advantages(rewards, result.samples["group"], weights, cfg.rewards.combine, cfg.train.adv_clip)
+    adv = group_advantages(rewards, result.samples["group"], weights, cfg.rewards.combine, cfg.train.adv_clip,
+                           cfg.train.adv_std_ddof)
     steps = result.train_steps
     sample_of_step = torch.tensor(steps["sample"], dtype=torch.long)
     steps.tensors["advantage"] = adv.values[sample_of_step]

@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 
 from egrpo.algo.advantages import group_advantages
@@ -103,3 +104,40 @@ def test_kl_term_is_zero_at_the_reference_and_positive_away():
     assert stats["kl"] == 0.0
     _, stats = grpo_loss(mean, std, steps, logp_old, 1e-4, mean_ref=mean.detach() + 0.2, kl_beta=0.1)
     assert stats["kl"] > 0
+
+
+def test_a_group_of_equal_rewards_gets_zero_advantage_despite_float32_rounding():
+    """Six rewards of 0.3: their float32 mean is 0.3 + 3e-8, so (r - mean) / (std + 1e-8) gave every member
+    +0.7488; such a group carries no signal and now gets 0. A real spread of 1e-5 still counts."""
+    equal = torch.full((6,), 0.3)
+    assert equal.mean() != equal[0]  # the rounding this guards against
+    assert group_advantages({"a": equal}, [0] * 6, {"a": 1.0}).values.abs().max() == 0.0
+    spread = torch.tensor([0.3, 0.3, 0.3, 0.30001, 0.3, 0.3])
+    assert group_advantages({"a": spread}, [0] * 6, {"a": 1.0}).values.abs().max() > 1.0
+
+
+def test_sample_std_option_matches_the_peers_torch_std():
+    """train.adv_std_ddof=1: (r - mean) / (torch.std(r) + 1e-8), torch.std's default (unbiased), as DanceGRPO,
+    Flow-GRPO and VisualGRPO compute it; checked against float64 arithmetic done here."""
+    r = [0.2, 0.9, 0.4, 0.5]
+    mean = sum(r) / 4
+    std = (sum((x - mean) ** 2 for x in r) / 3) ** 0.5
+    expected = torch.tensor([(x - mean) / (std + 1e-8) for x in r], dtype=torch.float64)
+    adv = group_advantages({"a": torch.tensor(r)}, [0] * 4, {"a": 1.0}, ddof=1)
+    assert torch.allclose(adv.values.double(), expected, atol=1e-6)
+    assert torch.allclose(group_advantages({"a": torch.tensor(r)}, [0] * 4, {"a": 1.0}).values.double(),
+                          expected * (3 / 4) ** -0.5, atol=1e-6)  # ddof 0: larger by sqrt(G / (G - 1))
+
+
+def test_kl_forms_ours_and_flow_grpos():
+    """kl_form=egrpo divides the squared mean difference by the transition's variance 2 g^2 |delta|;
+    flow_grpo by 2 g^2 (Flow-GRPO's code): with g = 0.5 and |delta| = 0.04, 25x smaller."""
+    mean, _, steps, logp_old = _loss_inputs(1.0, 0.0)
+    g, delta = 0.5, 0.04
+    std = torch.tensor([g * delta**0.5])
+    steps = Batch({**steps.tensors, "g": torch.tensor([g])})
+    ref = mean.detach() + 0.2
+    _, ours = grpo_loss(mean, std, steps, logp_old, 1e-4, mean_ref=ref, kl_beta=0.1)
+    _, flow = grpo_loss(mean, std, steps, logp_old, 1e-4, mean_ref=ref, kl_beta=0.1, kl_form="flow_grpo")
+    assert ours["kl"] == pytest.approx(0.2**2 / (2 * g**2 * delta), rel=1e-5)
+    assert flow["kl"] == pytest.approx(0.2**2 / (2 * g**2), rel=1e-5)

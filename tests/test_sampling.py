@@ -102,10 +102,14 @@ def test_noise_forms_and_merged_step_std():
     sigmas = sigma_schedule(16, 3.0)
     flow = NoiseSpec("flow_grpo", 0.7)
     s1 = float(sigmas[1])
-    assert flow.g(sigmas, 0) == pytest.approx(0.7 * math.sqrt(s1 / (1 - s1)))  # sigma_0 = 1 uses sigma_1
+    assert flow.g(sigmas, 0) == pytest.approx(0.7 * math.sqrt(1 / (1 - s1)))  # only the denominator takes sigma_1
     s3 = float(sigmas[3])
     assert flow.g(sigmas, 3) == pytest.approx(0.7 * math.sqrt(s3 / (1 - s3)))
     assert NoiseSpec("dance", 0.3).g(sigmas, 5) == 0.3
+    # Flow-GRPO's first step: std exactly a, exp(h) = 0.7 sqrt(2 pi e) = 2.8929 (by hand; 2.861 with the old
+    # rule that put sigma_1 in the numerator too)
+    assert step_std(flow, sigmas, 0, 1) == pytest.approx(0.7, rel=1e-12)
+    assert math.exp(step_entropy(flow, sigmas, 0, 1)) == pytest.approx(2.8929, abs=5e-5)
     # a step merged over l covers sigma_n .. sigma_{n+l}, with g from the start point
     for n, length in [(2, 1), (2, 3), (5, 4)]:
         span = float(sigmas[n] - sigmas[n + length])

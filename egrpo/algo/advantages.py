@@ -2,9 +2,13 @@
 
 A_i = clip((r_i - mean_G r) / (std_G r + 1e-8), -c, c) within each group G. With several rewards, either each
 is normalised within the group and the results are summed with weights (`per_reward`, DanceGRPO style), or the
-weighted raw sum is normalised (`weighted_sum`). std is the population std (ddof = 0), so a group's
-advantages have unit std. A sample with a NaN in any weighted reward is dropped: it gets advantage 0, is
-marked invalid (never trained on), and the group is normalised over its remaining members.
+weighted raw sum is normalised (`weighted_sum`). std is the population std (ddof = 0, our default: a group's
+advantages have unit std) or the sample std (ddof = 1, what DanceGRPO's, Flow-GRPO's and VisualGRPO's code
+compute with torch.std: advantages smaller by sqrt((G - 1) / G)). A group whose std is zero up to float
+rounding (std <= 1e-6 of its largest |r|) gets A = 0: its rewards are equal, and their float32 mean need not
+be, which would otherwise give every member the same +-0.75. A sample with a NaN in any weighted reward is
+dropped: it gets advantage 0, is marked invalid (never trained on), and the group is normalised over its
+remaining members.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from typing import Literal
 import torch
 
 EPS = 1e-8
+EQUAL_REWARDS_RTOL = 1e-6  # a group's std below this fraction of its largest |reward| is rounding, not signal
 
 
 @dataclass(frozen=True)
@@ -24,15 +29,20 @@ class Advantages:
     dropped_nan: int  # samples dropped for a NaN reward
 
 
-def normalise_in_groups(values: torch.Tensor, groups: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """(r - mean_G) / (std_G + eps) over the valid members of each group; 0 elsewhere."""
+def normalise_in_groups(values: torch.Tensor, groups: torch.Tensor, valid: torch.Tensor, ddof: int = 0
+                        ) -> torch.Tensor:
+    """(r - mean_G) / (std_G + eps) over the valid members of each group (std with `ddof`); 0 elsewhere, and 0
+    for a group whose rewards are equal up to float rounding."""
     out = torch.zeros_like(values)
     for g in groups.unique():
         members = (groups == g) & valid
         if members.sum() < 2:
             continue
         r = values[members]
-        out[members] = (r - r.mean()) / (r.std(unbiased=False) + EPS)
+        std = r.std(correction=ddof)
+        if std <= EQUAL_REWARDS_RTOL * r.abs().max():
+            continue
+        out[members] = (r - r.mean()) / (std + EPS)
     return out
 
 
@@ -42,6 +52,7 @@ def group_advantages(
     weights: dict[str, float],
     combine: Literal["per_reward", "weighted_sum"] = "per_reward",
     clip: float = 5.0,
+    ddof: int = 0,
 ) -> Advantages:
     groups = torch.as_tensor(groups)
     missing = [name for name in weights if name not in rewards]
@@ -57,8 +68,8 @@ def group_advantages(
             valid[members] = False
     w = torch.tensor(list(weights.values()), dtype=torch.float32)
     if combine == "per_reward":
-        values = sum(wi * normalise_in_groups(r, groups, valid) for wi, r in zip(w, stacked, strict=True))
+        values = sum(wi * normalise_in_groups(r, groups, valid, ddof) for wi, r in zip(w, stacked, strict=True))
     else:
-        values = normalise_in_groups((w[:, None] * stacked).sum(0), groups, valid)
+        values = normalise_in_groups((w[:, None] * stacked).sum(0), groups, valid, ddof)
     values = torch.where(valid, values.clamp(-clip, clip), torch.zeros_like(values))
     return Advantages(values, valid, int((~finite).sum()))

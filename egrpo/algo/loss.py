@@ -1,7 +1,10 @@
 """The clipped GRPO objective on trained SDE steps (ALGORITHMS.md section 2).
 
 rho = exp(logp_new - logp_old);  L = mean(max(-A rho, -A clip(rho, 1 - eps, 1 + eps)))
-optional KL to the reference policy: beta * ||mu_theta - mu_ref||^2 / (2 g^2 |delta|), averaged like the log-prob.
+optional KL to the reference policy: beta * ||mu_theta - mu_ref||^2 / (2 g^2 |delta|), averaged like the log-prob
+(`kl_form="egrpo"`: the KL of the two Gaussian transitions), or / (2 g^2) (`"flow_grpo"`: what Flow-GRPO's code
+computes, its std_dev_t without the sqrt(|delta|); 1 / |delta| times smaller, 15-28x on SD3's trained steps, so
+Flow-GRPO's beta only means the same with this form).
 
 The mean over a minibatch is written as a weighted sum, L = sum_i w_i l_i, so that the rows of one minibatch may
 be spread over micro-batches and data-parallel ranks (and padded with rows of weight 0) and still add up to the
@@ -39,6 +42,7 @@ def grpo_loss(
     mean_ref: torch.Tensor | None = None,
     kl_beta: float = 0.0,
     weights: torch.Tensor | None = None,
+    kl_form: Literal["egrpo", "flow_grpo"] = "egrpo",
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Loss over trained steps, sum_i w_i l_i, and its statistics weighted the same way.
 
@@ -64,7 +68,8 @@ def grpo_loss(
         "clip_fraction": (weights * ((ratio - 1).abs() > clip_range).float()).sum().item(),
     }
     if kl_beta > 0 and mean_ref is not None:
-        sq = ((mean.float() - mean_ref.float()) ** 2) / (2 * per_sample(std, mean) ** 2)
+        variance = std**2 if kl_form == "egrpo" else steps["g"].to(mean.device) ** 2
+        sq = ((mean.float() - mean_ref.float()) ** 2) / (2 * per_sample(variance, mean))
         dims = tuple(range(1, sq.ndim))
         kl = (weights * (sq.mean(dims) if reduction == "mean" else sq.sum(dims))).sum()
         loss = loss + kl_beta * kl

@@ -34,14 +34,15 @@ class NoiseSpec:
     level: float
 
     def g(self, sigmas: torch.Tensor, i: int) -> float:
-        """g at the start point sigma_i of a step. At sigma = 1 the flow_grpo formula is infinite, so it is
-        evaluated at sigma_1 there (ALGORITHMS.md section 1)."""
+        """g at the start point sigma_i of a step. At sigma = 1 the flow_grpo formula's denominator is zero, so
+        only the denominator takes sigma_1: g_0 = a sqrt(1 / (1 - sigma_1)), and the first step's std
+        g_0 sqrt(1 - sigma_1) is exactly a, as in Flow-GRPO's, MixGRPO's and VisualGRPO's code
+        (`sqrt(sigma / (1 - where(sigma == 1, sigma_max, sigma)))`; ALGORITHMS.md section 1)."""
         if self.form == "dance":
             return float(self.level)
         sigma = float(sigmas[i])
-        if sigma >= 1.0:
-            sigma = float(sigmas[1])
-        return self.level * math.sqrt(sigma / (1 - sigma))
+        denominator = 1 - (float(sigmas[1]) if sigma >= 1.0 else sigma)
+        return self.level * math.sqrt(sigma / denominator)
 
 
 def step_std(noise: NoiseSpec, sigmas: torch.Tensor, start: int, length: int) -> float:
