@@ -64,6 +64,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
+    if args.memory:
+        return _plan_memory(cfg, args)
+    if args.gpu_memory is not None:
+        raise ConfigError("--gpu-memory sizes a memory plan: add --memory")
     from egrpo.sampling.plans import describe_schedule
 
     info = describe_schedule(cfg)
@@ -87,6 +91,26 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(f"{i:>4} {info['sigmas'][i]:7.4f} {h:8.4f} {math.exp(h):7.3f} "
               f"{'yes' if length else 'no':>6} {length or '':>5} {merged}")
     return 0
+
+
+def _plan_memory(cfg, args: argparse.Namespace) -> int:
+    """Peak GPU memory per role and what it is made of (egrpo.memory), from the architecture alone: no weights
+    are read and no GPU is needed."""
+    from egrpo.memory import DEFAULT_GPU_MEMORY_GB, memory_plan
+
+    plan = memory_plan(cfg, args.gpu_memory or DEFAULT_GPU_MEMORY_GB)
+    print(json.dumps(plan.to_json()) if args.json else plan.format())
+    return 0
+
+
+def _gigabytes(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of GB per GPU, e.g. 80, got {text!r}")
+    return value
 
 
 def _plan_aegpo(cfg, info: dict, args: argparse.Namespace) -> int:
@@ -178,6 +202,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from egrpo.bench.algorithms import main as bench_algorithms
 
         return bench_algorithms(quick=args.quick, seeds=args.seeds, out=out)
+    if args.bench == "scale":
+        from egrpo.bench.scale import main as bench_scale
+
+        return bench_scale(quick=args.quick, out=out, device=args.device, dtype=args.dtype)
     from egrpo.bench.system import main as bench_system
 
     return bench_system(quick=args.quick, gpu=args.gpu, out=out)
@@ -240,6 +268,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--checkpoint", help="aegpo: probe these weights instead of the base model's")
     p.add_argument("--png", help="aegpo: where to write the entropy curves (default: <run dir>/entropy_curves.png)")
+    p.add_argument("--memory", action="store_true",
+                   help="instead: peak GPU memory of each role (rollout, learner, reward) and its parts")
+    p.add_argument("--gpu-memory", type=_gigabytes, metavar="GB",
+                   help="with --memory: GB of memory per GPU (default 80, the recipes' GPUs)")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("eval", help="held-out rewards of a checkpoint against the base model: table and grid")
@@ -248,11 +280,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default: <run dir>-eval)")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("bench", help="benchmarks: sample efficiency (algorithms) or system efficiency (system)")
-    p.add_argument("bench", choices=["algorithms", "system"])
+    p = sub.add_parser("bench", help="benchmarks: sample efficiency (algorithms), system efficiency (system), or "
+                                     "a real-width rehearsal of full fine-tuning with checks (scale)")
+    p.add_argument("bench", choices=["algorithms", "system", "scale"])
     p.add_argument("--quick", action="store_true", help="the smallest setting (under two minutes on 2 cores)")
     p.add_argument("--seeds", type=int, default=None, help="algorithms: seeds per method")
     p.add_argument("--gpu", action="store_true", help="system: also measure a FLUX-sized transformer on CUDA")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="scale: where the actors run")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                   help="scale: one run in this dtype (default: float32 and bfloat16 on the CPU, --quick float32; "
+                        "bfloat16 on CUDA)")
     p.add_argument("--out", help="output folder (default: runs/bench/<bench>)")
     p.set_defaults(func=cmd_bench)
 
