@@ -126,7 +126,7 @@ class TrainConfig:
     weight_decay: float = _f(0.0, "AdamW weight decay")
     clip_range: float = _f(1e-4, "PPO ratio clip epsilon")
     adv_clip: float = _f(5.0, "advantages are clipped to [-adv_clip, adv_clip]")
-    adv_std_ddof: int = _f(0, "std of a group's rewards: 0 population (ours), 1 sample std (DanceGRPO, Flow-GRPO)")
+    adv_std_ddof: int = _f(0, "std of a group's rewards: 0 population (ours), 1 sample std (torch.std, as DanceGRPO)")
     kl_beta: float = _f(0.0, "weight of the KL term to the reference policy; 0 = off")
     kl_form: Literal["egrpo", "flow_grpo"] = _f(
         "egrpo", "KL per element: ||mu - mu_ref||^2 / (2 g^2 |delta|) (the transition's), or / (2 g^2) (Flow-GRPO's code)"

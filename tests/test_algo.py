@@ -117,8 +117,8 @@ def test_a_group_of_equal_rewards_gets_zero_advantage_despite_float32_rounding()
 
 
 def test_sample_std_option_matches_the_peers_torch_std():
-    """train.adv_std_ddof=1: (r - mean) / (torch.std(r) + 1e-8), torch.std's default (unbiased), as DanceGRPO,
-    Flow-GRPO and VisualGRPO compute it; checked against float64 arithmetic done here."""
+    """train.adv_std_ddof=1: (r - mean) / (torch.std(r) + 1e-8), torch.std's default (unbiased), as DanceGRPO
+    computes it; checked against float64 arithmetic done here."""
     r = [0.2, 0.9, 0.4, 0.5]
     mean = sum(r) / 4
     std = (sum((x - mean) ** 2 for x in r) / 3) ** 0.5

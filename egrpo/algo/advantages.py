@@ -3,8 +3,8 @@
 A_i = clip((r_i - mean_G r) / (std_G r + 1e-8), -c, c) within each group G. With several rewards, either each
 is normalised within the group and the results are summed with weights (`per_reward`, DanceGRPO style), or the
 weighted raw sum is normalised (`weighted_sum`). std is the population std (ddof = 0, our default: a group's
-advantages have unit std) or the sample std (ddof = 1, what DanceGRPO's, Flow-GRPO's and VisualGRPO's code
-compute with torch.std: advantages smaller by sqrt((G - 1) / G)). A group whose std is zero up to float
+advantages have unit std) or the sample std (ddof = 1, torch.std's default, which DanceGRPO's code uses: advantages smaller by
+sqrt((G - 1) / G)). A group whose std is zero up to float
 rounding (std <= 1e-6 of its largest |r|) gets A = 0: its rewards are equal, and their float32 mean need not
 be, which would otherwise give every member the same +-0.75. A sample with a NaN in any weighted reward is
 dropped: it gets advantage 0, is marked invalid (never trained on), and the group is normalised over its
