@@ -128,6 +128,76 @@ def build_sd3_pipeline(seed: int = 0) -> StableDiffusion3Pipeline:
     return _eval(pipe)
 
 
+def build_wide_sd3_pipeline(
+    *,
+    num_layers: int,
+    num_attention_heads: int = 24,
+    attention_head_dim: int = 64,
+    joint_attention_dim: int = 4096,
+    pooled_projection_dim: int = 2048,
+    dual_attention_layers: tuple[int, ...] = (0,),
+    qk_norm: str | None = "rms_norm",
+    latent_size: int = 32,
+    seed: int = 0,
+) -> StableDiffusion3Pipeline:
+    """A StableDiffusion3Pipeline whose transformer has a real model's widths at a depth of `num_layers` joint
+    blocks; the defaults are SD3.5-medium's (24 heads x 64 = 1536 wide, T5 width 4096, pooled width 2048,
+    RMS-normed q/k, MMDiT-X dual attention in block 0). Random weights, deterministic given `seed`.
+
+    The text encoders stay tiny but emit those widths (T5 `joint_attention_dim` wide, each CLIP projecting to
+    half of `pooled_projection_dim`), and the VAE is tiny but has SD3's geometry: 8x downsampling into 16
+    channels. The positional embedding covers a `latent_size` square latent exactly (SD3.5 keeps a 384 x 384
+    patch grid, 0.9 GB in float32, which only bigger images would use).
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        tokenizer, tokenizer_2, t5_tokenizer = clip_tokenizer(), clip_tokenizer(), _t5_tokenizer([])
+        transformer = SD3Transformer2DModel(
+            sample_size=latent_size,
+            patch_size=2,
+            in_channels=16,
+            num_layers=num_layers,
+            attention_head_dim=attention_head_dim,
+            num_attention_heads=num_attention_heads,
+            joint_attention_dim=joint_attention_dim,
+            caption_projection_dim=num_attention_heads * attention_head_dim,
+            pooled_projection_dim=pooled_projection_dim,
+            out_channels=16,
+            pos_embed_max_size=latent_size // 2,
+            dual_attention_layers=dual_attention_layers,
+            qk_norm=qk_norm,
+        )
+        text_encoders = []
+        for clip in (tokenizer, tokenizer_2):
+            config = clip_config(clip, hidden_size=16)
+            config.projection_dim = pooled_projection_dim // 2  # SD3 concatenates the two pooled projections
+            text_encoders.append(CLIPTextModelWithProjection(config))
+        vae = AutoencoderKL(
+            down_block_types=("DownEncoderBlock2D",) * 4,  # three downsamplings: 8x, as SD3's VAE
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(8, 8, 16, 16),
+            layers_per_block=1,
+            latent_channels=16,
+            norm_num_groups=8,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+            shift_factor=0.0609,
+            scaling_factor=1.5305,
+        )
+        pipe = StableDiffusion3Pipeline(
+            transformer=transformer,
+            scheduler=_scheduler(),
+            vae=vae,
+            text_encoder=text_encoders[0],
+            tokenizer=tokenizer,
+            text_encoder_2=text_encoders[1],
+            tokenizer_2=tokenizer_2,
+            text_encoder_3=T5EncoderModel(_t5_config(t5_tokenizer, d_model=joint_attention_dim)),
+            tokenizer_3=t5_tokenizer,
+        )
+    return _eval(pipe)
+
+
 def save_pipeline(
     pipe: DiffusionPipeline,
     path: str | Path,
