@@ -68,11 +68,18 @@ def cmd_plan(args: argparse.Namespace) -> int:
         return _plan_memory(cfg, args)
     if args.gpu_memory is not None:
         raise ConfigError("--gpu-memory sizes a memory plan: add --memory")
-    from egrpo.sampling.plans import describe_schedule
+    from egrpo.methods import branch_split_points, describe_schedule, plan_method
 
     info = describe_schedule(cfg)
-    if cfg.plan.method == "aegpo":
+    if plan_method(cfg).needs_probes:
         return _plan_aegpo(cfg, info, args)
+    if cfg.plan.method == "branch":
+        points = branch_split_points(cfg)
+        info.update({"splits": points, "leaves": cfg.tree.factor ** len(points)})
+        if not args.json:
+            print(f"BranchGRPO plan: {cfg.sampler.steps} steps; each prompt's tree splits in {cfg.tree.factor} at "
+                  f"steps {points} ({info['leaves']} leaves), {cfg.tree.between.upper()} between splits")
+            return 0
     if args.json:
         print(json.dumps(info))
         return 0
@@ -81,7 +88,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print(f"E-GRPO plan: {s.steps} steps, shift {s.shift}, noise {s.noise} ({s.noise_level}), "
           f"tau {cfg.egrpo.tau} on exp(h)")
     print(f"{'step':>4} {'sigma':>7} {'h':>8} {'exp(h)':>7} {'active':>6} {'merge':>5} {'merged exp(h)':>13}")
-    from egrpo.sampling.plans import noise_spec
+    from egrpo.methods import noise_spec
     from egrpo.sampling.steps import sigma_schedule, step_entropy
 
     sigmas = sigma_schedule(s.steps, s.shift)
@@ -129,29 +136,36 @@ def _plan_aegpo(cfg, info: dict, args: argparse.Namespace) -> int:
         load_checkpoint(args.checkpoint, policy)
     scheduler = Scheduler(cfg)
     requests = scheduler.draw(0)
-    probes = probe_entropies(policy, requests, sampler_settings(cfg), probe_settings(cfg))
+    probes, _ = probe_entropies(policy, requests, sampler_settings(cfg), probe_settings(cfg), cfg.aegpo_peak_steps)
     scheduler.plan(0, probes)
     prompts = [r.prompt for r in requests]
-    stats = {p: scheduler.prompt_stats[p] for p in prompts}  # what the scheduler decided, per prompt
-    peaks = {p: s["peaks"] for p, s in stats.items()}
-    budgets = {p: s["budget"] for p, s in stats.items()}
+    records = {p: scheduler.records[p] for p in prompts}  # what the scheduler decided, per prompt
+    peaks = {p: r.peaks for p, r in records.items()}
+    budgets = {p: r.budget for p, r in records.items()}
     info.update({
+        "rollout": cfg.aegpo.rollout,
         "attention_entropy": dict(zip(prompts, probes.entropy.tolist(), strict=True)),
         "reference_entropy": dict(zip(prompts, probes.reference.tolist(), strict=True)),
-        "delta_entropy": {p: s["dE"][-1] for p, s in stats.items()},
+        "delta_entropy": {p: r.dE[-1] for p, r in records.items()},
         "peaks": peaks,
         "budget": budgets,
     })
+    tree = cfg.aegpo.rollout == "tree"
+    if tree:  # a tree's split steps are its peaks; its leaves are its budget
+        info.update({"splits": peaks, "leaves": budgets})
     png = Path(args.png or cfg.run_dir / "entropy_curves.png")
     plot_entropy_curves(info["attention_entropy"], info["reference_entropy"], peaks, png)
     if args.json:
         print(json.dumps(info))
         return 0
     a = cfg.aegpo
+    explore = (f"a tree per prompt splitting in {cfg.tree.factor} at the highest peaks of E(t) (as many as its "
+               f"budget's leaves need)" if tree else f"top-{a.peaks} peaks of E(t)")
     print(f"AEGPO plan at iteration 0 ({'checkpoint ' + args.checkpoint if args.checkpoint else 'base weights'}): "
-          f"{cfg.sampler.steps} steps, top-{a.peaks} peaks of E(t) in the first {cfg.aegpo_peak_steps} steps, "
+          f"{cfg.sampler.steps} steps, {explore} in the first {cfg.aegpo_peak_steps} steps, "
           f"budget {a.budget}, merge {a.merge}")
-    print(f"{'prompt':<32} {'dE':>8} {'rollouts':>8}  peaks   E(t) per step")
+    print(f"{'prompt':<32} {'dE':>8} {'leaves' if tree else 'rollouts':>8}  {'splits' if tree else 'peaks':<7} "
+          f"E(t) per step")
     for prompt in prompts:
         curve = " ".join(f"{e:.4f}" for e in info["attention_entropy"][prompt])
         print(f"{prompt[:32]:<32} {info['delta_entropy'][prompt]:8.5f} {budgets[prompt]:>8}  "

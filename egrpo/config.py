@@ -75,7 +75,9 @@ class SamplerConfig:
 
 @dataclass(frozen=True)
 class PlanConfig:
-    method: Literal["grpo", "mix", "egrpo", "aegpo"] = _f("egrpo", "rollout plan: which steps explore")
+    method: Literal["grpo", "mix", "egrpo", "aegpo", "branch"] = _f(
+        "egrpo", "rollout plan: which steps explore (egrpo.methods)"
+    )
     group_size: int = _f(4, "G: samples whose advantages are normalised together")
     prompts_per_iteration: int = _f(4, "prompts drawn each iteration")
 
@@ -99,7 +101,20 @@ class EgrpoConfig:
 
 
 @dataclass(frozen=True)
+class TreeConfig:
+    factor: int = _f(2, "children per split: a tree with s split steps has factor^s leaves")
+    between: Literal["ode", "sde"] = _f(
+        "ode", "steps between splits: ode (TreeGRPO: SDE only where the tree splits) or sde (BranchGRPO)"
+    )
+    split_points: tuple[int, ...] = _f((), "branch: the fixed split steps; empty = BranchGRPO's i * (T // splits)")
+    splits: int = _f(4, "branch: number of uniform split steps when split_points is empty")
+
+
+@dataclass(frozen=True)
 class AegpoConfig:
+    rollout: Literal["independent", "tree"] = _f(
+        "independent", "each prompt's rollouts: independent samples exploring at every peak, or a tree splitting there"
+    )
     budget: Literal["uniform", "median_split", "proportional"] = _f(
         "median_split", "how dE turns into rollouts per prompt (the iteration's total stays prompts x group_size)"
     )
@@ -110,7 +125,8 @@ class AegpoConfig:
     g_max: int = _f(32, "most rollouts (group size) a prompt gets")
     peaks: int = _f(4, "k: explore at the top-k local maxima of the attention entropy E(t)")
     peak_steps: int = _f(
-        0, "peaks are sought in E(t) over the first N steps; 0 = steps / 2 (late steps teach little: E-GRPO)"
+        0, "peaks are sought in E(t) over the first N steps, and the probe runs those steps only (dE is their mean); "
+        "0 = steps / 2 (late steps teach little: E-GRPO)"
     )
     merge: bool = _f(False, "use E-GRPO's merge lengths (egrpo.tau) for the SDE step at each peak")
     probe_blocks: tuple[int, ...] = _f((), "attention blocks probed, in forward order; empty = all")
@@ -211,6 +227,7 @@ class Config:
     mix: MixConfig = _f(MixConfig(), "")
     egrpo: EgrpoConfig = _f(EgrpoConfig(), "")
     aegpo: AegpoConfig = _f(AegpoConfig(), "")
+    tree: TreeConfig = _f(TreeConfig(), "")
     train: TrainConfig = _f(TrainConfig(), "")
     rewards: RewardConfig = _f(RewardConfig(), "")
     data: DataConfig = _f(DataConfig(), "")
@@ -382,9 +399,10 @@ def validate(cfg: Config) -> None:
         f"must be in [0, sampler.steps={s.steps}], got {cfg.egrpo.active_steps}",
     )
     _require(0 < cfg.grpo.train_fraction <= 1, "grpo.train_fraction", "must be in (0, 1]")
-    _require(1 <= cfg.mix.window <= s.steps, "mix.window", f"must be in [1, sampler.steps={s.steps}]")
-    _require(0 <= cfg.mix.start <= s.steps - cfg.mix.window, "mix.start", "window must fit inside the steps")
-    _require(cfg.mix.move_every >= 1, "mix.move_every", "must be >= 1")
+    if p.method == "mix":  # other methods never read mix.*: a short schedule need not fit its window
+        _require(1 <= cfg.mix.window <= s.steps, "mix.window", f"must be in [1, sampler.steps={s.steps}]")
+        _require(0 <= cfg.mix.start <= s.steps - cfg.mix.window, "mix.start", "window must fit inside the steps")
+        _require(cfg.mix.move_every >= 1, "mix.move_every", "must be >= 1")
     a = cfg.aegpo
     if p.method == "aegpo":
         _require(a.g_min >= 2, "aegpo.g_min", f"must be >= 2 (advantages need a group), got {a.g_min}")
@@ -397,6 +415,12 @@ def validate(cfg: Config) -> None:
         _require(a.peaks >= 1, "aegpo.peaks", f"must be >= 1, got {a.peaks}")
         _require(0 <= a.peak_steps <= s.steps, "aegpo.peak_steps", f"must be in [0, sampler.steps={s.steps}]")
         _require(a.probe_rows >= 1 and a.probe_chunk >= 1, "aegpo.probe_rows", "probe_rows and probe_chunk must be >= 1")
+    tr = cfg.tree
+    if p.method == "branch" or (p.method == "aegpo" and a.rollout == "tree"):
+        _require(tr.factor >= 2, "tree.factor", f"must be >= 2, got {tr.factor}")
+        _require(all(0 <= n < s.steps for n in tr.split_points), "tree.split_points",
+                 f"split steps must be in [0, sampler.steps={s.steps}), got {list(tr.split_points)}")
+        _require(1 <= tr.splits <= s.steps, "tree.splits", f"must be in [1, sampler.steps={s.steps}]")
     _require(t.iterations >= 1, "train.iterations", f"must be >= 1, got {t.iterations}")
     _require(t.lr > 0, "train.lr", "must be > 0")
     _require(t.clip_range > 0, "train.clip_range", "must be > 0")

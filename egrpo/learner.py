@@ -12,7 +12,7 @@ from typing import Literal
 
 import torch
 
-from egrpo.algo.loss import grpo_loss, step_mean_and_std
+from egrpo.algo.loss import distinct_inputs, grpo_loss, step_mean_and_std
 from egrpo.batch import Batch
 from egrpo.config import TrainConfig
 from egrpo.sampling.steps import gaussian_logprob
@@ -20,9 +20,21 @@ from egrpo.sampling.steps import gaussian_logprob
 
 def make_minibatches(steps: Batch, batch_size: int, seed: int, min_size: int = 1) -> list[Batch]:
     """A seeded shuffle of the trained steps cut into minibatches of `batch_size`; a last one smaller than
-    `min_size` (e.g. the number of data-parallel ranks, each of which needs a row) joins the one before."""
-    order = torch.randperm(len(steps), generator=torch.Generator().manual_seed(seed)).tolist()
-    cuts = [order[a : a + batch_size] for a in range(0, len(order), batch_size)]
+    `min_size` (e.g. the number of data-parallel ranks, each of which needs a row) joins the one before.
+
+    Steps that leave the same state (the rollout's `input`: one E-GRPO group's branches, a tree node's
+    children) are shuffled as one unit and kept next to each other, so that they can share one forward
+    (`step_mean_and_std`); a minibatch then holds `batch_size` rows or more, up to the end of its last unit."""
+    units: dict[int, list[int]] = {}
+    for row, state in enumerate(steps["input"] if "input" in steps.meta else range(len(steps))):
+        units.setdefault(state, []).append(row)
+    rows_of_unit = list(units.values())
+    order = torch.randperm(len(rows_of_unit), generator=torch.Generator().manual_seed(seed)).tolist()
+    cuts: list[list[int]] = [[]]
+    for unit in order:
+        if len(cuts[-1]) >= batch_size:
+            cuts.append([])
+        cuts[-1].extend(rows_of_unit[unit])
     if len(cuts) > 1 and len(cuts[-1]) < min_size:
         cuts[-2].extend(cuts.pop())
     return [steps.select(rows) for rows in cuts]
@@ -44,6 +56,12 @@ class GRPOLearner:
         self.reduction = reduction
         self.optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=train.lr,
                                            weight_decay=train.weight_decay)
+        self.forwards = 0  # transformer forwards (rows of distinct input states) since the last train_iteration
+
+    def transition(self, steps: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """`step_mean_and_std`, counting its forwards."""
+        self.forwards += distinct_inputs(steps)
+        return step_mean_and_std(self.policy, steps)
 
     def backward(self, loss: torch.Tensor, last_micro_batch: bool) -> None:
         """Accumulate the gradients of one micro-batch's (already weighted) loss."""
@@ -72,7 +90,7 @@ class GRPOLearner:
         for mb in minibatches:
             out.append([])
             for micro in self.micro_batches(mb):
-                mean, std = step_mean_and_std(self.policy, micro)
+                mean, std = self.transition(micro)
                 out[-1].append(gaussian_logprob(micro["x_out"].to(mean.device), mean, std, self.reduction))
         return out
 
@@ -84,11 +102,11 @@ class GRPOLearner:
         weighted = Batch({**minibatch.tensors, "loss_weight": loss_weights(minibatch)}, minibatch.meta)
         micro_batches = self.micro_batches(weighted)
         for k, (micro, lo) in enumerate(zip(micro_batches, logp_old, strict=True)):
-            mean, std = step_mean_and_std(self.policy, micro)
+            mean, std = self.transition(micro)
             mean_ref = None
             if self.train.kl_beta > 0:
                 with torch.no_grad(), self.policy.reference():
-                    mean_ref, _ = step_mean_and_std(self.policy, micro)
+                    mean_ref, _ = self.transition(micro)
             loss, stats = grpo_loss(mean, std, micro, lo, self.train.clip_range, self.reduction, mean_ref,
                                     self.train.kl_beta, micro["loss_weight"], self.train.kl_form)
             self.backward(loss, last_micro_batch=k == len(micro_batches) - 1)
@@ -104,7 +122,9 @@ class GRPOLearner:
     def train_iteration(self, minibatches: list[Batch]) -> dict[str, float]:
         """`epochs` passes of clipped updates over the minibatches of trained steps (with an `advantage` column).
 
-        One optimiser step per minibatch; under data parallelism each rank gets its slice of every minibatch."""
+        One optimiser step per minibatch; under data parallelism each rank gets its slice of every minibatch.
+        `nfe/train` counts the transformer forwards this took (old log-probs, loss, reference for KL)."""
+        self.forwards = 0
         logp_old = self.old_logprobs(minibatches)
         rollout_mismatch = max(
             (torch.cat(lo).cpu() - mb["logp_old"]).abs().max().item()
@@ -125,4 +145,5 @@ class GRPOLearner:
         metrics["train/updates"] = updates
         metrics["train/first_ratio_max_dev"] = first_ratio_dev
         metrics["train/rollout_logp_mismatch"] = rollout_mismatch
+        metrics["nfe/train"] = self.forwards
         return metrics

@@ -9,7 +9,7 @@ peaks of E(t) set its exploration steps. Every other method gets `plan.group_siz
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -17,13 +17,26 @@ import torch
 from egrpo.algo.budgets import allocate_rollouts, relative_entropy_change
 from egrpo.config import Config
 from egrpo.data.prompts import PromptSampler, load_prompts
-from egrpo.sampling.plans import SamplePlan, build_plan, entropy_peaks, prompt_seed
+from egrpo.methods import EntropyGuidance, build_plan, is_tree, plan_method, tree_splits
+from egrpo.sampling.plans import SamplePlan, entropy_peaks, prompt_seed, split_steps
 from egrpo.sampling.rollout import ProbeRequest, ProbeResult
 
 
 def plan_work(plan: SamplePlan) -> int:
-    """Transformer calls a sample costs after it leaves the shared anchor."""
+    """Transformer calls a sample costs after it leaves the shared anchor (an upper bound for a tree's leaves,
+    which share their ancestors' calls)."""
     return len(plan.steps)
+
+
+@dataclass
+class PromptRecord:
+    """What the scheduler knows of one prompt: how often it was drawn and, under AEGPO, its dE at each draw
+    and its last budget (rollouts, a tree's leaves) and exploration steps (peaks, a tree's split steps)."""
+
+    times_drawn: int = 0
+    dE: list[float] = field(default_factory=list)
+    budget: int | None = None
+    peaks: list[int] = field(default_factory=list)
 
 
 def split_by_prompt(plans: list[SamplePlan], workers: int) -> list[list[int]]:
@@ -69,7 +82,7 @@ class Scheduler:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.sampler = PromptSampler(load_prompts(cfg.data.prompts), cfg.run.seed)
-        self.prompt_stats: dict[str, dict[str, Any]] = {}
+        self.records: dict[str, PromptRecord] = {}
         # prompt -> E_ref(t). E_ref is fixed per (prompt, seed), and AEGPO's seed is a function of the prompt
         # within a run (plans.prompt_seed), so the prompt is the key.
         self.reference_entropy: dict[str, list[float]] = {}
@@ -81,26 +94,27 @@ class Scheduler:
         """Pick the iteration's prompts; return the anchors to probe (none unless the method is aegpo)."""
         self.prompts = self.sampler.next(self.cfg.plan.prompts_per_iteration)
         for p in self.prompts:
-            self.prompt_stats.setdefault(p, {"times_drawn": 0})["times_drawn"] += 1
-        if self.cfg.plan.method != "aegpo":
+            self.records.setdefault(p, PromptRecord()).times_drawn += 1
+        if not plan_method(self.cfg).needs_probes:
             return []
         return [ProbeRequest(p, prompt_seed(self.cfg.run.seed, p), p not in self.reference_entropy)
                 for p in self.prompts]
 
     def plan(self, iteration: int, probes: ProbeResult | None = None) -> list[SamplePlan]:
         """The plan of the prompts `draw` picked; `probes` answers `draw`'s requests, in order."""
-        group_sizes = peaks = None
-        if self.cfg.plan.method == "aegpo":
+        guidance = None
+        if plan_method(self.cfg).needs_probes:
             if probes is None:
-                raise ValueError("an aegpo iteration needs the probe results of draw()'s requests")
-            group_sizes, peaks = self._entropy_guided(probes)
-        plans = build_plan(self.cfg, self.prompts, iteration, group_sizes, peaks)
+                raise ValueError(f"a {self.cfg.plan.method} iteration needs the probe results of draw()'s requests")
+            guidance = self._entropy_guided(probes)
+        plans = build_plan(self.cfg, self.prompts, iteration, guidance)
         self.accounting = Accounting()
         self.accounting.request(list(range(len(plans))))
         return plans
 
-    def _entropy_guided(self, probes: ProbeResult) -> tuple[list[int], list[list[int]]]:
-        """Group size per prompt from dE (global signal), exploration steps from E(t)'s peaks (local)."""
+    def _entropy_guided(self, probes: ProbeResult) -> EntropyGuidance:
+        """Budget per prompt from dE (global signal), exploration steps from E(t) (local): its top-k peaks, or
+        for a tree as many split steps as its budget's leaves need (round(log_factor budget))."""
         a, p = self.cfg.aegpo, self.cfg.plan
         for prompt, row in zip(self.prompts, probes.reference, strict=True):
             if not torch.isnan(row).any():
@@ -109,20 +123,24 @@ class Scheduler:
         delta = relative_entropy_change(probes.entropy, reference)
         sizes = allocate_rollouts(delta.tolist(), p.prompts_per_iteration * p.group_size, a.budget,
                                   a.g_min, a.g_max, a.g_high, a.g_low, a.alpha)
-        peaks = [entropy_peaks(row[: self.cfg.aegpo_peak_steps].tolist(), a.peaks) for row in probes.entropy]
-        for prompt, d, size, steps in zip(self.prompts, delta.tolist(), sizes, peaks, strict=True):
-            stats = self.prompt_stats[prompt]
-            stats["dE"] = [*stats.get("dE", []), d]
-            stats["budget"] = size
-            stats["peaks"] = steps
+        curves = [row[: self.cfg.aegpo_peak_steps].tolist() for row in probes.entropy]
+        if is_tree(self.cfg):
+            steps = [split_steps(curve, tree_splits(self.cfg, size)) for curve, size in zip(curves, sizes, strict=True)]
+            sizes = [self.cfg.tree.factor ** len(points) for points in steps]
+        else:
+            steps = [entropy_peaks(curve, a.peaks) for curve in curves]
+        for prompt, d, size, points in zip(self.prompts, delta.tolist(), sizes, steps, strict=True):
+            record = self.records[prompt]
+            record.dE.append(d)
+            record.budget, record.peaks = size, points
         self.plan_metrics = {
             "entropy/mean": float(probes.entropy.mean()), "entropy/dE_mean": float(delta.mean()),
             "entropy/dE_min": float(delta.min()), "entropy/dE_max": float(delta.max()),
-            "budget/min": min(sizes), "budget/max": max(sizes), "explore/peaks": sum(map(len, peaks)) / len(peaks),
+            "budget/min": min(sizes), "budget/max": max(sizes), "explore/peaks": sum(map(len, steps)) / len(steps),
         }
         for step in range(self.cfg.sampler.steps):  # histogram of chosen exploration steps
-            self.plan_metrics[f"explore/step_{step}"] = sum(step in q for q in peaks)
-        return sizes, peaks
+            self.plan_metrics[f"explore/step_{step}"] = sum(step in q for q in steps)
+        return EntropyGuidance(sizes, steps)
 
     def receive(self, sample_ids: list[int]) -> None:
         self.accounting.receive(sample_ids)
@@ -135,10 +153,11 @@ class Scheduler:
         return {"samples/requested": len(a.requested), "samples/received": len(a.received), **self.plan_metrics}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"sampler": self.sampler.state_dict(), "prompt_stats": self.prompt_stats,
+        return {"sampler": self.sampler.state_dict(),
+                "prompts": {prompt: asdict(record) for prompt, record in self.records.items()},
                 "reference_entropy": self.reference_entropy}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.sampler.load_state_dict(state["sampler"])
-        self.prompt_stats = state["prompt_stats"]
+        self.records = {prompt: PromptRecord(**record) for prompt, record in state["prompts"].items()}
         self.reference_entropy = state["reference_entropy"]

@@ -16,15 +16,16 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from egrpo.algo.advantages import group_advantages
+from egrpo.algo.advantages import group_advantages, tree_advantages
 from egrpo.batch import Batch
 from egrpo.checkpoint import load_checkpoint, load_torch_optimizer, save_checkpoint, save_torch_optimizer
 from egrpo.config import Config, dump_config, to_dict
 from egrpo.data.prompts import load_prompts
 from egrpo.learner import GRPOLearner, make_minibatches
+from egrpo.methods import is_tree, noise_spec, plan_method
 from egrpo.report import MetricsLog, mean_or_nan, plot_reward_curve, save_image_grid
 from egrpo.rewards.base import build_reward_models, score_samples
-from egrpo.sampling.plans import noise_spec, ode_plan
+from egrpo.sampling.plans import ode_plan
 from egrpo.sampling.rollout import ProbeResult, RolloutResult, SamplerSettings, probe_entropies, run_plan
 from egrpo.sampling.steps import sigma_schedule
 from egrpo.scheduler import Scheduler
@@ -60,7 +61,7 @@ def load_policy(cfg: Config, device: torch.device | None = None, keep_reference:
     with torch.random.fork_rng(devices=[]):  # the LoRA init is the same in every process (learners, workers)
         torch.manual_seed(cfg.run.seed)
         if keep_reference is None:
-            keep_reference = cfg.train.kl_beta > 0 or cfg.plan.method == "aegpo"
+            keep_reference = cfg.train.kl_beta > 0 or plan_method(cfg).needs_probes
         policy.setup_finetune(m.finetune, rank=m.lora_rank, alpha=m.lora_alpha, targets=m.lora_targets,
                               keep_reference=keep_reference)
     if m.gradient_checkpointing:
@@ -107,14 +108,24 @@ def probe_settings(cfg: Config):
 
 
 def score_rollout(cfg: Config, result: RolloutResult, rewards: dict[str, torch.Tensor]) -> tuple[Batch, dict]:
-    """Advantages per plan group, attached to the trained steps of valid samples; and reward metrics."""
-    weights = cfg.rewards.weights
-    adv = group_advantages(rewards, result.samples["group"], weights, cfg.rewards.combine, cfg.train.adv_clip,
-                           cfg.train.adv_std_ddof)
+    """Advantages attached to the trained steps that have one, and reward metrics. Per sample within its plan
+    group; for a tree (egrpo.methods.is_tree), per node within its tree's depth."""
+    weights, t = cfg.rewards.weights, cfg.train
     steps = result.train_steps
-    sample_of_step = torch.tensor(steps["sample"], dtype=torch.long)
-    steps.tensors["advantage"] = adv.values[sample_of_step]
-    steps = steps.select(adv.valid[sample_of_step])
+    if is_tree(cfg) and len(steps):
+        tree_depth = [result.samples["group"][s] * (cfg.sampler.steps + 1) + depth
+                      for s, depth in zip(steps["sample"], steps["depth"], strict=True)]
+        adv = tree_advantages(rewards, steps["leaves"], tree_depth, weights, cfg.rewards.combine, t.adv_clip,
+                              t.adv_std_ddof)
+        steps.tensors["advantage"] = adv.values
+        steps = steps.select(adv.valid)
+    else:
+        adv = group_advantages(rewards, result.samples["group"], weights, cfg.rewards.combine, t.adv_clip,
+                               t.adv_std_ddof)
+        if len(steps):
+            sample_of_step = torch.tensor(steps["sample"], dtype=torch.long)
+            steps.tensors["advantage"] = adv.values[sample_of_step]
+            steps = steps.select(adv.valid[sample_of_step])
     total = sum(w * rewards[name] for name, w in weights.items())
     metrics = {"reward/mean": mean_or_nan(total), "reward/nan_dropped": adv.dropped_nan,
                "train/steps": len(steps), "samples": len(result.samples)}
@@ -254,10 +265,11 @@ class Trainer(TrainingLoop):
         cfg = self.cfg
         requests = self.scheduler.draw(iteration)
         t_probe = time.perf_counter()
-        probes = probe_entropies(self.policy, requests, self.settings, probe_settings(cfg)) if requests else None
+        probes, anchors = (probe_entropies(self.policy, requests, self.settings, probe_settings(cfg),
+                                           cfg.aegpo_peak_steps) if requests else (None, None))
         t0 = time.perf_counter()
         plans = self.scheduler.plan(iteration, probes)
-        result = run_plan(self.policy, plans, self.settings)
+        result = run_plan(self.policy, plans, self.settings, anchors)
         self.scheduler.receive(result.samples["plan"])
         t1 = time.perf_counter()
         rewards = score_samples(self.reward_models, result.samples)

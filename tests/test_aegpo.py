@@ -8,7 +8,8 @@ import torch
 from egrpo.algo.budgets import allocate_rollouts, apportion, relative_entropy_change
 from egrpo.config import ConfigError, load_config
 from egrpo.data.prompts import load_prompts
-from egrpo.sampling.plans import aegpo_merge_lengths, build_plan, entropy_peaks, prompt_seed
+from egrpo.methods import EntropyGuidance, aegpo_merge_lengths, build_plan
+from egrpo.sampling.plans import entropy_peaks, prompt_seed, split_steps
 from egrpo.sampling.rollout import ProbeResult
 from egrpo.scheduler import Scheduler
 
@@ -88,7 +89,9 @@ def test_entropy_peaks(curve, k, expected):
 
 
 def _aegpo_config(*extra: str):
-    return load_config("launch/configs/toy-aegpo.yaml", ["plan.prompts_per_iteration=3", *extra])
+    """The toy aegpo recipe in its independent reading (the tree reading has tests of its own)."""
+    return load_config("launch/configs/toy-aegpo.yaml",
+                       ["plan.prompts_per_iteration=3", "aegpo.rollout=independent", "plan.group_size=8", *extra])
 
 
 def test_scheduler_turns_probes_into_budgets_and_peaks(tmp_path):
@@ -121,7 +124,7 @@ def test_scheduler_turns_probes_into_budgets_and_peaks(tmp_path):
     metrics = scheduler.check_complete()
     assert metrics["entropy/dE_max"] == pytest.approx(0.2)
     assert metrics["explore/step_2"] >= 1
-    assert scheduler.prompt_stats[prompts[1]]["dE"] == [pytest.approx(0.2)]
+    assert scheduler.records[prompts[1]].dE == [pytest.approx(0.2)]
     # E_ref is cached per (prompt, seed), also across a checkpoint: the next draw does not ask for it again
     restored = Scheduler(cfg)
     restored.load_state_dict(json.loads(json.dumps(scheduler.state_dict())))
@@ -133,17 +136,17 @@ def test_aegpo_plan_with_merge_uses_egrpo_merge_lengths():
     lengths = aegpo_merge_lengths(cfg)
     assert len(lengths) == cfg.sampler.steps and max(lengths) > 1
     assert lengths[:4] == [1, 1, 1, 2]  # the toy schedule (`egrpo plan launch/configs/toy-egrpo.yaml`)
-    plans = build_plan(cfg, ["a red circle", "a blue square"], 0, group_sizes=[4, 3], peaks=[[0, 3], [1, 2]])
+    plans = build_plan(cfg, ["a red circle", "a blue square"], 0, EntropyGuidance([4, 3], [[0, 3], [1, 2]]))
     assert [p.group for p in plans] == [0] * 4 + [1] * 3  # group = prompt
     first = plans[0]
     assert first.branch_from == 0 and first.explore_steps == (0, 3) and first.merge_lengths == (1, 2)
     assert [(s.start, s.length, s.sde) for s in first.steps] == [
         (0, 1, True), (1, 1, False), (2, 1, False), (3, 2, True), (5, 1, False), (6, 1, False), (7, 1, False)]
     assert plans[4].branch_from == 1 and plans[4].explore_steps == (1, 2)
-    assert len({p.noise_seed for p in plans}) == 7
-    without = build_plan(_aegpo_config("aegpo.merge=false"), ["a red circle"], 0, group_sizes=[4], peaks=[[0, 3]])
+    assert len({seed for p in plans for seed in p.noise_seeds}) == 14  # each sample's own noise at each peak
+    without = build_plan(_aegpo_config("aegpo.merge=false"), ["a red circle"], 0, EntropyGuidance([4], [[0, 3]]))
     assert without[0].merge_lengths == (1, 1)
-    skipped = build_plan(cfg, ["a red circle"], 0, group_sizes=[2], peaks=[[3, 4]])  # 3 merges over 4
+    skipped = build_plan(cfg, ["a red circle"], 0, EntropyGuidance([2], [[3, 4]]))  # 3 merges over 4
     assert skipped[0].explore_steps == (3,)
 
 
@@ -171,11 +174,11 @@ def test_plan_command_shows_attention_entropy_peaks_and_budgets(tmp_path):
         capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     info = json.loads(result.stdout)
-    cfg = _aegpo_config()
-    assert len(info["attention_entropy"]) == 3
+    cfg = load_config("launch/configs/toy-aegpo.yaml")  # the tree reading
+    assert info["rollout"] == "tree" and len(info["attention_entropy"]) == 3
     for prompt, curve in info["attention_entropy"].items():
-        assert len(curve) == cfg.sampler.steps and all(0 < e <= 1 for e in curve)
-        assert info["peaks"][prompt] == entropy_peaks(curve[: cfg.aegpo_peak_steps], cfg.aegpo.peaks)
+        assert len(curve) == cfg.aegpo_peak_steps and all(0 < e <= 1 for e in curve)  # only where peaks are sought
         assert info["delta_entropy"][prompt] == 0.0  # base weights: the policy is its reference
-    assert sum(info["budget"].values()) == 3 * cfg.plan.group_size
+        # equal dE: every prompt gets the mean budget, 12, and so round(log2 12) = 4 split steps, 16 leaves
+        assert info["splits"][prompt] == split_steps(curve, 4) and info["leaves"][prompt] == 16
     assert info["merge_lengths"] and png.stat().st_size > 0

@@ -346,11 +346,12 @@ def test_entropy_probe_with_classifier_free_guidance_reads_the_conditional_rows(
     requests = [ProbeRequest(p, k, True) for k, p in enumerate(PROMPTS)]
     guided = load(folders["sd3"], cfg_scale=3.0)
     guided.setup_finetune("lora", rank=2, alpha=2.0)
-    result = probe_entropies(guided, requests, settings, ProbeSettings(rows=8))
+    result, anchors = probe_entropies(guided, requests, settings, ProbeSettings(rows=8), steps)
     assert result.entropy.shape == (2, steps) and torch.isfinite(result.entropy).all()
     assert torch.equal(result.entropy, result.reference)  # an untrained adapter is its reference
     # the values are those of the conditional half, not the unconditional one
     plain = load(folders["sd3"])
     plain.setup_finetune("lora", rank=2, alpha=2.0)
-    first_step = probe_entropies(plain, requests, settings, ProbeSettings(rows=8)).entropy[:, 0]
+    assert all(a.shape[0] == steps + 1 for a in anchors.values())  # the anchors' latents at every index
+    first_step = probe_entropies(plain, requests, settings, ProbeSettings(rows=8), steps)[0].entropy[:, 0]
     torch.testing.assert_close(result.entropy[:, 0], first_step)  # same input x at step 0, same prompts

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from egrpo.config import from_dict
-from egrpo.sampling.plans import build_plan, describe_schedule, merge_lengths, mix_window_start
+from egrpo.methods import build_plan, describe_schedule
+from egrpo.sampling.plans import merge_lengths, mix_window_start
 from egrpo.sampling.rollout import SamplerSettings, run_plan
 from egrpo.sampling.steps import (
     NoiseSpec,
@@ -156,7 +157,7 @@ def test_egrpo_plan_structure():
     assert len(groups) == 8 and all(len(g) == 3 for g in groups.values())
     for members in groups.values():
         assert len({(m.prompt, m.seed, m.branch_from) for m in members}) == 1  # shared anchor point
-        assert len({m.noise_seed for m in members}) == 3  # distinct exploration noise
+        assert len({m.noise_seeds for m in members}) == 3  # distinct exploration noise
         p = members[0]
         assert p.explore_steps == (p.branch_from,) and p.merge_lengths == (lengths[p.branch_from],)
         assert [s.train for s in p.steps] == [True] + [False] * (len(p.steps) - 1)

@@ -9,7 +9,7 @@ import torch
 
 from egrpo.checkpoint import load_checkpoint, resolve_checkpoint
 from egrpo.config import load_config
-from egrpo.sampling.plans import build_plan
+from egrpo.methods import build_plan
 from egrpo.sampling.rollout import run_plan
 from egrpo.trainer import Trainer, load_policy, sampler_settings, score_rollout
 

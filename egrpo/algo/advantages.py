@@ -54,22 +54,62 @@ def group_advantages(
     clip: float = 5.0,
     ddof: int = 0,
 ) -> Advantages:
-    groups = torch.as_tensor(groups)
+    """Per sample: its rewards normalised within its group."""
+    stacked, finite = _stack(rewards, weights)
+    return _normalised(stacked, finite, torch.as_tensor(groups), weights, combine, clip, ddof,
+                       int((~finite).sum()))
+
+
+def tree_advantages(
+    rewards: dict[str, torch.Tensor],
+    leaves: list[list[int]],
+    groups: list[int] | torch.Tensor,
+    weights: dict[str, float],
+    combine: Literal["per_reward", "weighted_sum"] = "per_reward",
+    clip: float = 5.0,
+    ddof: int = 0,
+) -> Advantages:
+    """Per trained edge of a rollout tree (BranchGRPO's rule, ../shared/research/branchgrpo.md 2.2-2.3): the
+    value of the node an edge leads to is the mean reward of its leaves (the samples below it, `leaves[e]`),
+    and node values are normalised within `groups[e]`, one tree's nodes at one depth. A leaf with a NaN reward
+    is left out of every mean (and counted in `dropped_nan`); a node left with no leaves is not trained. An edge
+    with one leaf is a plain sample, so `group_advantages` is the case of one edge per sample."""
+    stacked, finite = _stack(rewards, weights)
+    membership = torch.zeros(len(leaves), stacked.shape[1])
+    for e, below in enumerate(leaves):
+        membership[e, below] = 1.0
+    membership *= finite.float()
+    counts = membership.sum(1)
+    node_values = stacked @ membership.T / counts.clamp(min=1)  # (R, edges)
+    return _normalised(node_values, counts > 0, torch.as_tensor(groups), weights, combine, clip, ddof,
+                       int((~finite).sum()))
+
+
+def _stack(rewards: dict[str, torch.Tensor], weights: dict[str, float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(R, B) weighted rewards with NaN rows zeroed, and the (B,) mask of samples whose rewards are all finite."""
     missing = [name for name in weights if name not in rewards]
     if missing:
         raise KeyError(f"rewards {missing} are weighted in the config but no reward model returned them")
-    stacked = torch.stack([rewards[name].float() for name in weights])  # (R, B)
+    stacked = torch.stack([rewards[name].float() for name in weights])
     finite = torch.isfinite(stacked).all(0)
-    stacked = torch.where(finite, stacked, torch.zeros_like(stacked))
-    valid = finite.clone()
+    return torch.where(finite, stacked, torch.zeros_like(stacked)), finite
+
+
+def _normalised(
+    values: torch.Tensor, present: torch.Tensor, groups: torch.Tensor, weights: dict[str, float],
+    combine: str, clip: float, ddof: int, dropped_nan: int,
+) -> Advantages:
+    """Advantages of (R, N) reward values of N rows (samples or tree nodes) within their groups; a row is
+    valid when it is `present` and its group has another present row to be compared with."""
+    valid = present.clone()
     for g in groups.unique():  # a lone survivor has nothing to be compared with
-        members = (groups == g) & finite
+        members = (groups == g) & present
         if members.sum() < 2:
             valid[members] = False
     w = torch.tensor(list(weights.values()), dtype=torch.float32)
     if combine == "per_reward":
-        values = sum(wi * normalise_in_groups(r, groups, valid, ddof) for wi, r in zip(w, stacked, strict=True))
+        out = sum(wi * normalise_in_groups(r, groups, valid, ddof) for wi, r in zip(w, values, strict=True))
     else:
-        values = normalise_in_groups((w[:, None] * stacked).sum(0), groups, valid, ddof)
-    values = torch.where(valid, values.clamp(-clip, clip), torch.zeros_like(values))
-    return Advantages(values, valid, int((~finite).sum()))
+        out = normalise_in_groups((w[:, None] * values).sum(0), groups, valid, ddof)
+    out = torch.where(valid, out.clamp(-clip, clip), torch.zeros_like(out))
+    return Advantages(out, valid, dropped_nan)

@@ -19,17 +19,39 @@ import torch
 
 from egrpo.batch import Batch
 from egrpo.sampling.rollout import VelocityModel
-from egrpo.sampling.steps import gaussian_logprob, per_sample, sde_mean
+from egrpo.sampling.steps import gaussian_logprob, per_sample, sde_mean, sde_std
+
+
+def _input_index(steps: Batch) -> tuple[list[int], torch.Tensor]:
+    """The first row of each distinct input state (`input`, from the rollout) and each row's index into them;
+    rows without that column are all distinct."""
+    if "input" not in steps.meta:
+        return list(range(len(steps))), torch.arange(len(steps))
+    first: dict[int, int] = {}
+    for row, state in enumerate(steps["input"]):
+        first.setdefault(state, row)
+    position = {state: k for k, state in enumerate(first)}
+    return list(first.values()), torch.tensor([position[state] for state in steps["input"]])
+
+
+def distinct_inputs(steps: Batch) -> int:
+    """Transformer forwards `step_mean_and_std` makes for these rows."""
+    return len(_input_index(steps)[0])
 
 
 def step_mean_and_std(policy: VelocityModel, steps: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """The policy's SDE transition mean for each trained step (with grad), and its std."""
+    """The policy's SDE transition mean for each trained step (with grad), and its std.
+
+    Rows that leave the same state (one E-GRPO group's G branches; a tree node's children) have the same
+    velocity: it is computed once per distinct state and shared (VisualGRPO's trainer does the same), which
+    equals the per-row computation up to float rounding, gradients included."""
     device = policy.device
+    firsts, index = _input_index(steps)
     x_in, sigma = steps["x_in"].to(device), steps["sigma"].to(device)
     sigma_next, g = steps["sigma_next"].to(device), steps["g"].to(device)
-    v = policy.velocity(x_in, sigma, policy.encode_prompts(steps["prompt"]))
-    std = g * (sigma - sigma_next).abs().sqrt()
-    return sde_mean(x_in, v, sigma, sigma_next, g), std
+    prompts = [steps["prompt"][row] for row in firsts]
+    v = policy.velocity(x_in[firsts], sigma[firsts], policy.encode_prompts(prompts))[index.to(device)]
+    return sde_mean(x_in, v, sigma, sigma_next, g), sde_std(g, sigma, sigma_next)
 
 
 def grpo_loss(

@@ -19,6 +19,7 @@ import torch
 
 from egrpo.batch import Batch
 from egrpo.config import Config
+from egrpo.methods import plan_method
 from egrpo.runtime.weight_sync import GroupAddress, StaleWeightsError, broadcast_state, join, weights_checksum
 from egrpo.sampling.plans import SamplePlan
 from egrpo.sampling.rollout import ProbeRequest, ProbeResult, RolloutResult, probe_entropies, run_plan
@@ -66,9 +67,10 @@ class RolloutWorker:
         from egrpo.trainer import load_policy, probe_settings, sampler_settings
 
         _set_threads(cpus)
-        self.policy = load_policy(cfg, keep_reference=cfg.plan.method == "aegpo")  # for E_ref; KL is the learners'
+        # the reference policy for E_ref, when the method probes; KL is the learners'
+        self.policy = load_policy(cfg, keep_reference=plan_method(cfg).needs_probes)
         self.settings = sampler_settings(cfg, self.policy.device)
-        self.probe_settings = probe_settings(cfg)
+        self.probe_settings, self.probe_steps = probe_settings(cfg), cfg.aegpo_peak_steps
         self.version = -1  # initial weights; version 0 is the learners' first broadcast
         self.bucket_bytes = int(cfg.runtime.sync_bucket_mb * 2**20)
         self.broadcast = cfg.broadcast_weights
@@ -105,22 +107,31 @@ class RolloutWorker:
 
     @ray.method(num_returns=3)
     def rollout(self, plans: list[SamplePlan], sample_ids: list[int], weights: list, version: int,
-                with_embeddings: bool = False) -> tuple[RolloutShard, Batch, Batch]:
+                with_embeddings: bool = False, anchors: list | None = None) -> tuple[RolloutShard, Batch, Batch]:
         """Run `plans` with weights `version`; returns three objects (`split_for_transport`): the summary the
         driver reads, the uint8 images for a reward server, the trained steps' latents for the learners.
-        `with_embeddings`: the summary also brings the prompts' conditioning (for learners without encoders)."""
+        `with_embeddings`: the summary also brings the prompts' conditioning (for learners without encoders).
+        `anchors`: references to probes' anchor latents (`probe`), used where they were made with these weights."""
         self.sync(weights, version)
         start = time.perf_counter()
-        result = run_plan(self.policy, plans, self.settings)
+        known = {}
+        for made_with, trajectories in ray.get(anchors or []):
+            if made_with == self.version:
+                known.update(trajectories)
+        result = run_plan(self.policy, plans, self.settings, known)
         embeddings = self.policy.prompt_embeddings([p.prompt for p in plans]) if with_embeddings else {}
         return split_for_transport(RolloutShard(sample_ids, result, self.version,
                                                 ray.get_runtime_context().get_actor_id(),
                                                 time.perf_counter() - start, embeddings))
 
-    def probe(self, requests: list[ProbeRequest], weights: list, version: int) -> ProbeResult:
-        """AEGPO's anchor pass with attention-entropy probes (egrpo.sampling.rollout.probe_entropies)."""
+    @ray.method(num_returns=2)
+    def probe(self, requests: list[ProbeRequest], weights: list, version: int) -> tuple[ProbeResult, tuple]:
+        """AEGPO's anchor pass with attention-entropy probes (egrpo.sampling.rollout.probe_entropies): the
+        entropies for the scheduler, and (weights version, anchor latents) for the rollouts to reuse."""
         self.sync(weights, version)
-        return probe_entropies(self.policy, requests, self.settings, self.probe_settings)
+        probes, anchors = probe_entropies(self.policy, requests, self.settings, self.probe_settings,
+                                          self.probe_steps)
+        return probes, (self.version, anchors)
 
     def weights_checksum(self) -> float:
         """The checksum of the weights held, under the names the sync sends them by, computed on the device."""

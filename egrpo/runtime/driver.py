@@ -156,7 +156,7 @@ class ActorGroup:
 def merge_shards(shards: list[RolloutShard], total: int) -> RolloutResult:
     """Put the workers' shard summaries back into plan order, with `sample` indices that refer to the whole
     plan. Each trained step also records where its latents are: `shard` (index into `shards`) and `row` there."""
-    samples, steps, calls = [], [], 0
+    samples, steps, calls, states = [], [], 0, 0
     for index, shard in enumerate(shards):
         ids = shard.sample_ids
         s = shard.result.samples
@@ -164,7 +164,12 @@ def merge_shards(shards: list[RolloutShard], total: int) -> RolloutResult:
         t = shard.result.train_steps
         if len(t):
             where = {"shard": torch.full((len(t),), index), "row": torch.arange(len(t))}
-            steps.append(Batch({**t.tensors, **where}, {**t.meta, "sample": [ids[k] for k in t["sample"]]}))
+            # a shard's state ids count from 0: offset them so that states of different shards stay apart
+            meta = {**t.meta, "sample": [ids[k] for k in t["sample"]],
+                    "leaves": [[ids[k] for k in leaves] for leaves in t["leaves"]],
+                    "input": [states + state for state in t["input"]]}
+            steps.append(Batch({**t.tensors, **where}, meta))
+            states += max(t["input"]) + 1
         calls += shard.result.transformer_calls
     merged = Batch.concat(samples)
     order = sorted(range(total), key=lambda k: merged["plan"][k])
@@ -282,23 +287,26 @@ class RayTrainer(TrainingLoop):
 
     def _start(self, iteration: int) -> PlannedIteration:
         """Draw the iteration's prompts, run AEGPO's entropy probes on the rollout workers when the method asks
-        for them, have the scheduler turn the results into the plan, and submit its rollouts."""
+        for them, have the scheduler turn the results into the plan, and submit its rollouts (which reuse the
+        probes' anchor latents, by reference)."""
         start = time.perf_counter()
         requests = self._get(self.scheduler.draw.remote(iteration))
-        probes, probe_start = None, time.perf_counter()
+        probes, anchors, probe_start = None, [], time.perf_counter()
         if requests:
             workers = len(self.rollout)
             bounds = [round(k * len(requests) / workers) for k in range(workers + 1)]
-            calls = [(w, partial(self._probe_call, requests[a:b]))
-                     for w, (a, b) in enumerate(zip(bounds, bounds[1:], strict=False)) if b > a]
+            parts = [requests[a:b] for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
+            calls = [(w, partial(self._probe_call, part)) for w, part in enumerate(parts)]
             results = self._gather(self._submit(calls), "entropy probe")  # contiguous parts: order is kept
-            probes = ProbeResult(torch.cat([r.entropy for r in results]), torch.cat([r.reference for r in results]),
-                                 sum(r.transformer_calls for r in results))
+            probes = ProbeResult(torch.cat([r.entropy for r, _ in results]),
+                                 torch.cat([r.reference for r, _ in results]),
+                                 sum(r.transformer_calls for r, _ in results))
+            anchors = [({(r.prompt, r.seed) for r in part}, ref) for part, (_, (ref,)) in zip(parts, results, strict=True)]
         probe_end = time.perf_counter()
         plans = self._get(self.scheduler.plan.remote(iteration, probes))
         times = {"time/probe": probe_end - probe_start,
                  "time/schedule": probe_start - start + time.perf_counter() - probe_end}
-        rollouts = self._submit_rollouts(plans, training=True)
+        rollouts = self._submit_rollouts(plans, training=True, anchors=anchors)
         self._chaos("rollout", iteration)
         return PlannedIteration(iteration, plans, probes, times, rollouts)
 
@@ -307,41 +315,49 @@ class RayTrainer(TrainingLoop):
     def _probe_call(self, requests, worker):
         return worker.probe.remote(requests, *self.sync.call_args())
 
-    def _rollout_call(self, plans, ids, with_embeddings, worker):
-        return worker.rollout.remote([plans[k] for k in ids], ids, *self.sync.call_args(), with_embeddings)
+    def _rollout_call(self, plans, ids, with_embeddings, anchors, worker):
+        return worker.rollout.remote([plans[k] for k in ids], ids, *self.sync.call_args(), with_embeddings, anchors)
 
     def _submit(self, calls: list[tuple[int, Callable[[Any], Any]]]) -> list[Pending]:
         """Start `call(worker)` for each (rollout worker index, call)."""
         return [Pending(w, call, call(self.rollout.actors[w])) for w, call in calls]
 
     def _gather(self, pending: list[Pending], what: str) -> list:
-        """The results in order (a rollout's: its `RolloutShardRefs`). A worker that restarted and missed a
-        full-weight broadcast answers with StaleWeightsError: the weights are sent again and the call remade."""
+        """The results in order: a call's first return, fetched, with the references of its other returns (a
+        rollout's: its `RolloutShardRefs`). A worker that restarted and missed a full-weight broadcast answers
+        with StaleWeightsError: the weights are sent again and the call remade."""
         results = []
         for p in pending:
-            refs = p.refs
+            refs = p.refs if isinstance(p.refs, list) else [p.refs]
             try:
-                first = self._get(refs[0] if isinstance(refs, list) else refs, what)
+                first = self._get(refs[0], what)
             except StaleWeightsError:
                 log.warning("rollout-%d restarted and missed the weight broadcast; sending the weights again",
                             p.worker)
                 self.sync.recover()
                 refs = p.call(self.rollout.actors[p.worker])
-                first = self._get(refs[0] if isinstance(refs, list) else refs, what)
-            results.append(RolloutShardRefs(first, *refs[1:]) if isinstance(refs, list) else first)
+                refs = refs if isinstance(refs, list) else [refs]
+                first = self._get(refs[0], what)
+            results.append((first, refs[1:]) if len(refs) > 1 else first)
         return results
 
-    def _submit_rollouts(self, plans, training: bool = False) -> list[Pending]:
+    def _submit_rollouts(self, plans, training: bool = False, anchors: list | None = None) -> list[Pending]:
         """Start the shards of a plan on the rollout workers (split by prompt, balanced by work). Training
-        rollouts bring their prompt embeddings when the learners have no text encoders."""
+        rollouts bring their prompt embeddings when the learners have no text encoders. `anchors`: (keys,
+        reference) of the probes' anchor latents; each shard gets the references that hold its prompts."""
         shards = split_by_prompt(plans, len(self.rollout))
         with_embeddings = training and not self.cfg.model.learner_text_encoders
-        return self._submit([(w, partial(self._rollout_call, plans, ids, with_embeddings))
-                             for w, ids in enumerate(shards) if ids])
+        calls = []
+        for w, ids in enumerate(shards):
+            if ids:
+                keys = {(plans[k].prompt, plans[k].seed) for k in ids}
+                refs = [ref for held, ref in anchors or [] if held & keys]
+                calls.append((w, partial(self._rollout_call, plans, ids, with_embeddings, refs)))
+        return self._submit(calls)
 
     def _collect(self, plans, pending: list[Pending]) -> tuple[RolloutResult, list[RolloutShardRefs]]:
         """Wait for a plan's rollouts; returns the summaries merged in plan order (no images, no latents)."""
-        shards = self._gather(pending, "rollout")
+        shards = [RolloutShardRefs(summary, *refs) for summary, refs in self._gather(pending, "rollout")]
         return merge_shards([s.summary for s in shards], len(plans)), shards
 
     def _score(self, shards: list[RolloutShardRefs], total: int, iteration: int = -1) -> dict[str, torch.Tensor]:
@@ -399,6 +415,7 @@ class RayTrainer(TrainingLoop):
         metrics = {k: sum(m[k] for m in per_rank) / len(per_rank) for k in per_rank[0]}
         for key in ("train/ratio_max_dev", "train/first_ratio_max_dev", "train/rollout_logp_mismatch"):
             metrics[key] = max(m[key] for m in per_rank)  # maxima, not means
+        metrics["nfe/train"] = sum(m["nfe/train"] for m in per_rank)  # forwards of all ranks
         return metrics
 
     def iteration(self, iteration: int) -> dict[str, Any]:

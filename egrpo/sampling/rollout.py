@@ -18,7 +18,15 @@ import torch
 from egrpo.batch import Batch
 from egrpo.images import to_uint8_images
 from egrpo.sampling.plans import SamplePlan
-from egrpo.sampling.steps import NoiseSpec, ode_step, per_sample, sde_logprob, sde_mean, x0_from_velocity
+from egrpo.sampling.steps import (
+    NoiseSpec,
+    ode_step,
+    per_sample,
+    sde_logprob,
+    sde_mean,
+    sde_std,
+    x0_from_velocity,
+)
 
 
 class VelocityModel(Protocol):
@@ -46,8 +54,10 @@ class SamplerSettings:
 @dataclass
 class RolloutResult:
     samples: Batch  # per sample: images (uint8), image_finite; meta: prompt, group, plan index
-    train_steps: Batch  # per trained step: x_in, x_out, sigma, sigma_next, g, logp_old; meta: prompt, sample
-    transformer_calls: int  # sample-forwards (NFE summed over samples), for benchmarks
+    # per distinct trained transition: x_in, x_out, sigma, sigma_next, g, logp_old; meta: prompt, sample (the
+    # first of its leaves), leaves (the samples it leads to), input (its input state's id), depth (where it ends)
+    train_steps: Batch
+    transformer_calls: int  # transformer forwards of distinct states (NFE), for benchmarks
 
 
 class EntropyProbe(Protocol):
@@ -72,15 +82,20 @@ def batched_velocity(
     return torch.cat(out), (torch.cat(entropy) if probe is not None else None)
 
 
+Anchors = dict[tuple[str, int], torch.Tensor]  # (prompt, seed) -> its ODE trajectory's latents (indices 0..n)
+
+
 def anchor_latents(
     policy: VelocityModel, keys: list[tuple[str, int]], until: list[int], settings: SamplerSettings,
     probe: EntropyProbe | None = None,
-) -> tuple[dict[tuple[str, int], list[torch.Tensor]], int, torch.Tensor | None]:
+) -> tuple[Anchors, int, torch.Tensor | None]:
     """Deterministic ODE trajectories from each (prompt, seed)'s initial noise, kept at indices 0..until;
     with a probe, also E(t): the attention entropy of each key's call at step t, (keys, max(until)), NaN
     past a key's `until`.
 
     Samples branch off these latents; computing them once per prompt is what makes branching cheap."""
+    if not keys:
+        return {}, 0, None if probe is None else torch.zeros(0, 0)
     x = policy.initial_noise([seed for _, seed in keys])
     prompts = [prompt for prompt, _ in keys]
     trajectory = {key: [x[k].clone()] for k, key in enumerate(keys)}
@@ -97,21 +112,34 @@ def anchor_latents(
         x[rows] = ode_step(x[rows], v, settings.sigmas[i].item(), settings.sigmas[i + 1].item())
         for k in rows:
             trajectory[keys[k]].append(x[k].clone())
-    return trajectory, calls, entropy
+    return {key: torch.stack(latents) for key, latents in trajectory.items()}, calls, entropy
 
 
 @torch.no_grad()
-def run_plan(policy: VelocityModel, plans: list[SamplePlan], settings: SamplerSettings) -> RolloutResult:
+def run_plan(
+    policy: VelocityModel, plans: list[SamplePlan], settings: SamplerSettings, anchors: Anchors | None = None
+) -> RolloutResult:
+    """Run the plans. `anchors` may hold trajectories computed before under the same weights (AEGPO's probe
+    pass is one): those long enough are used instead of being recomputed.
+
+    Samples in the same state (the same anchor latent and the same steps taken so far: a tree's leaves below
+    one node, a group's branches before their first SDE step) share one transformer call, and samples that
+    also take the same step (the same seed) share its result. A trained step is recorded once per distinct
+    transition, with the samples it leads to (`leaves`) and the id of its input state (`input`)."""
     sigmas, total = settings.sigmas, len(settings.sigmas) - 1
     keys = sorted({(p.prompt, p.seed) for p in plans})
-    until = [max(p.branch_from for p in plans if (p.prompt, p.seed) == key) for key in keys]
-    anchors, calls, _ = anchor_latents(policy, keys, until, settings)
+    until = {key: max(p.branch_from for p in plans if (p.prompt, p.seed) == key) for key in keys}
+    known = {key: a for key, a in (anchors or {}).items() if key in until and len(a) > until[key]}
+    missing = [key for key in keys if key not in known]
+    computed, calls, _ = anchor_latents(policy, missing, [until[key] for key in missing], settings)
+    trajectories = {**known, **computed}
 
-    x = torch.stack([anchors[(p.prompt, p.seed)][p.branch_from] for p in plans])
+    x = torch.stack([trajectories[(p.prompt, p.seed)][p.branch_from].to(policy.device) for p in plans])
     position = [p.branch_from for p in plans]  # schedule index each sample is at
     next_step = [0] * len(plans)  # index into plan.steps
-    generators = [torch.Generator().manual_seed(p.noise_seed) for p in plans]
     prompts = [p.prompt for p in plans]
+    states: dict[tuple, int] = {}  # a state's identity (where it came from) -> its id
+    state = [states.setdefault((p.prompt, p.seed, p.branch_from), len(states)) for p in plans]
     x0_last = x.clone()
     recorded: list[dict] = []
 
@@ -124,29 +152,37 @@ def run_plan(policy: VelocityModel, plans: list[SamplePlan], settings: SamplerSe
         steps = [plans[k].steps[next_step[k]] for k in rows]
         if any(s.start != i for s in steps):
             raise ValueError(f"plan steps are not contiguous at schedule index {i}")
+        inputs = list(dict.fromkeys(state[k] for k in rows))  # distinct states, in row order
+        first_row = {s: next(k for k in rows if state[k] == s) for s in inputs}
         sigma = float(sigmas[i])
-        sigma_next = torch.tensor([float(sigmas[i + s.length]) for s in steps])
-        g = torch.tensor([settings.noise.g(sigmas, i) if s.sde else 0.0 for s in steps])
-        x_in = x[rows]
-        v, _ = batched_velocity(policy, x_in, torch.full((len(rows),), sigma), [prompts[k] for k in rows],
-                             settings.batch_size)
-        calls += len(rows)
-        xi = torch.stack([torch.randn(policy.latent_shape, generator=generators[k]) if s.sde
-                          else torch.zeros(policy.latent_shape) for k, s in zip(rows, steps, strict=True)])
-        std = g * (sigma - sigma_next).abs().sqrt()
-        mean = sde_mean(x_in, v, sigma, sigma_next, g)  # g = 0 (ODE rows) gives the Euler step exactly
-        x_out = mean + per_sample(std, x_in) * xi.to(x_in)  # per_sample: std is built on the CPU
-        x0_last[rows] = x0_from_velocity(x_in, v, sigma)
+        v, _ = batched_velocity(policy, x[[first_row[s] for s in inputs]], torch.full((len(inputs),), sigma),
+                                [prompts[first_row[s]] for s in inputs], settings.batch_size)
+        calls += len(inputs)
+        edges = list(dict.fromkeys((state[k], s) for k, s in zip(rows, steps, strict=True)))
+        edge_input = [inputs.index(s) for s, _ in edges]
+        x_in, v_in = x[[first_row[s] for s, _ in edges]], v[edge_input]
+        sigma_next = torch.tensor([float(sigmas[i + step.length]) for _, step in edges])
+        g = torch.tensor([settings.noise.g(sigmas, i) if step.sde else 0.0 for _, step in edges])
+        xi = torch.stack([torch.randn(policy.latent_shape, generator=torch.Generator().manual_seed(step.noise_seed))
+                          if step.sde else torch.zeros(policy.latent_shape) for _, step in edges])
+        mean = sde_mean(x_in, v_in, sigma, sigma_next, g)  # g = 0 (ODE rows) gives the Euler step exactly
+        x_out = mean + per_sample(sde_std(g, sigma, sigma_next), x_in) * xi.to(x_in)
 
-        trained = [j for j, s in enumerate(steps) if s.train]
+        edge_of_row = {k: edges.index((state[k], s)) for k, s in zip(rows, steps, strict=True)}
+        trained = [e for e, (_, step) in enumerate(edges) if step.train]
         if trained:
-            logp = sde_logprob(x_in[trained], v[trained], x_out[trained], sigma, sigma_next[trained],
+            logp = sde_logprob(x_in[trained], v_in[trained], x_out[trained], sigma, sigma_next[trained],
                                g[trained], settings.reduction)
-            for n, j in enumerate(trained):
-                recorded.append({"sample": rows[j], "x_in": x_in[j], "x_out": x_out[j], "sigma": sigma,
-                                 "sigma_next": float(sigma_next[j]), "g": float(g[j]), "logp_old": logp[n]})
-        x[rows] = x_out
+            for n, e in enumerate(trained):
+                leaves = [k for k in rows if edge_of_row[k] == e]
+                recorded.append({"sample": leaves[0], "leaves": leaves, "input": edges[e][0], "x_in": x_in[e],
+                                 "x_out": x_out[e], "sigma": sigma, "sigma_next": float(sigma_next[e]),
+                                 "g": float(g[e]), "logp_old": logp[n], "depth": i + edges[e][1].length})
+        x0 = x0_from_velocity(x[[first_row[s] for s in inputs]], v, sigma)
         for k, s in zip(rows, steps, strict=True):
+            x[k] = x_out[edge_of_row[k]]
+            x0_last[k] = x0[inputs.index(state[k])]
+            state[k] = states.setdefault((state[k], s), len(states))
             position[k] = i + s.length
             next_step[k] += 1
 
@@ -178,7 +214,7 @@ def _train_steps_batch(recorded: list[dict], prompts: list[str]) -> Batch:
     """Trained steps ordered by sample (then step): the same order however the plan was split or batched."""
     if not recorded:
         return Batch()
-    recorded = sorted(recorded, key=lambda r: r["sample"])
+    recorded = sorted(recorded, key=lambda r: r["sample"])  # stable: a sample's steps stay in step order
     return Batch(
         {
             "x_in": torch.stack([r["x_in"] for r in recorded]).cpu(),
@@ -188,7 +224,8 @@ def _train_steps_batch(recorded: list[dict], prompts: list[str]) -> Batch:
             "g": torch.tensor([r["g"] for r in recorded], dtype=torch.float32),
             "logp_old": torch.stack([r["logp_old"] for r in recorded]).float().cpu(),
         },
-        {"sample": [r["sample"] for r in recorded], "prompt": [prompts[r["sample"]] for r in recorded]},
+        {key: [r[key] for r in recorded] for key in ("sample", "leaves", "input", "depth")}
+        | {"prompt": [prompts[r["sample"]] for r in recorded]},
     )
 
 
@@ -212,23 +249,24 @@ class ProbeRequest:
 
 @dataclass
 class ProbeResult:
-    entropy: torch.Tensor  # (requests, T): E_theta(t) along each anchor
-    reference: torch.Tensor  # (requests, T): E_ref(t), NaN rows where not requested
+    entropy: torch.Tensor  # (requests, steps probed): E_theta(t) along each anchor
+    reference: torch.Tensor  # (requests, steps probed): E_ref(t), NaN rows where not requested
     transformer_calls: int
 
 
 def probe_entropies(
-    policy: ProbedModel, requests: list[ProbeRequest], settings: SamplerSettings, probe_settings
-) -> ProbeResult:
-    """AEGPO's anchor pass (ALGORITHMS.md section 3): E(t) at every step of each request's ODE anchor, under
-    the current policy and, where asked, the reference policy. `probe_settings` is an
+    policy: ProbedModel, requests: list[ProbeRequest], settings: SamplerSettings, probe_settings, steps: int
+) -> tuple[ProbeResult, Anchors]:
+    """AEGPO's anchor pass (ALGORITHMS.md section 3): E(t) at the first `steps` steps of each request's ODE
+    anchor, under the current policy and, where asked, the reference policy; and the current policy's anchor
+    latents (on the CPU), which are the rollout's own anchors: `run_plan(..., anchors=...)` reuses them. Only
+    the steps where AEGPO looks for peaks are probed (`aegpo.peak_steps`). `probe_settings` is an
     egrpo.entropy ProbeSettings (blocks, heads, rows, chunk, seed)."""
     from egrpo.entropy.attention import AttentionEntropyProbe
 
     keys = [(r.prompt, r.seed) for r in requests]
-    steps = len(settings.sigmas) - 1
     with AttentionEntropyProbe(policy.active_transformer, probe_settings) as probe:
-        _, calls, entropy = anchor_latents(policy, keys, [steps] * len(keys), settings, probe)
+        anchors, calls, entropy = anchor_latents(policy, keys, [steps] * len(keys), settings, probe)
     reference = torch.full_like(entropy, float("nan"))
     wanted = [k for k, r in enumerate(requests) if r.reference]
     if wanted:
@@ -237,4 +275,4 @@ def probe_entropies(
                 policy, [keys[k] for k in wanted], [steps] * len(wanted), settings, probe)
         reference[wanted] = measured
         calls += reference_calls
-    return ProbeResult(entropy, reference, calls)
+    return ProbeResult(entropy, reference, calls), {key: a.cpu() for key, a in anchors.items()}

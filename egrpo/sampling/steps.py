@@ -47,8 +47,7 @@ class NoiseSpec:
 
 def step_std(noise: NoiseSpec, sigmas: torch.Tensor, start: int, length: int) -> float:
     """Std of an SDE step from sigma_start over `length` steps: g_start * sqrt(|sigma_{start+l} - sigma_start|)."""
-    delta = float(sigmas[start + length] - sigmas[start])
-    return noise.g(sigmas, start) * math.sqrt(abs(delta))
+    return float(sde_std(noise.g(sigmas, start), float(sigmas[start]), float(sigmas[start + length])))
 
 
 def step_entropy(noise: NoiseSpec, sigmas: torch.Tensor, start: int, length: int) -> float:
@@ -76,6 +75,13 @@ def x0_from_velocity(x: torch.Tensor, v: torch.Tensor, sigma: Scalar) -> torch.T
 def ode_step(x: torch.Tensor, v: torch.Tensor, sigma: Scalar, sigma_next: Scalar) -> torch.Tensor:
     """Euler step of the probability-flow ODE: x' = x + (sigma' - sigma) v."""
     return x + (per_sample(sigma_next, x) - per_sample(sigma, x)) * v
+
+
+def sde_std(g: Scalar, sigma: Scalar, sigma_next: Scalar) -> Scalar:
+    """Std of an SDE transition from sigma to sigma' (ALGORITHMS.md section 1): g sqrt(|sigma' - sigma|). The
+    one place this is written: rollout, loss and step entropy all call it. Floats or matching (B,) tensors."""
+    delta = sigma_next - sigma
+    return g * (delta.abs().sqrt() if isinstance(delta, torch.Tensor) else math.sqrt(abs(delta)))
 
 
 def sde_mean(x: torch.Tensor, v: torch.Tensor, sigma: Scalar, sigma_next: Scalar, g: Scalar) -> torch.Tensor:
@@ -113,9 +119,4 @@ def sde_logprob(
     """log p(x_next | x) of one (possibly merged) SDE step under velocity v; std = g sqrt(|sigma' - sigma|).
 
     The rollout uses it for the old log-prob and the learner for the new one, so both compute the same thing."""
-    mean = sde_mean(x, v, sigma, sigma_next, g)
-    delta = per_sample(sigma_next, x) - per_sample(sigma, x)
-    std = per_sample(g, x) * (delta.abs() if isinstance(delta, torch.Tensor) else abs(delta)) ** 0.5
-    if isinstance(std, torch.Tensor):
-        std = std.flatten()
-    return gaussian_logprob(x_next, mean, std, reduction)
+    return gaussian_logprob(x_next, sde_mean(x, v, sigma, sigma_next, g), sde_std(g, sigma, sigma_next), reduction)
