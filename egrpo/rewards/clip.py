@@ -18,6 +18,10 @@ PickScore (model `pickscore`, reward `pickscore`)
     same prompt means people prefer the higher one with probability e/(1+e) = 0.73. It is not divided by 100
     as some RL code does: GRPO's group normalisation removes the scale anyway, and a reward weight can set it.
 
+Prompts are tokenised as each model's reference does (egrpo.rewards.tokenization): CLIP score as OpenAI
+CLIP's clip.tokenize (ftfy and HTML clean-up, lower case, zero padding to 77), PickScore with transformers'
+tokenizer of its folder, called as PickScore's own code calls it.
+
 Preprocessing is torch only (no torchvision, no PIL), on the model's device, and batched: resize with bicubic
 antialiased interpolation (what PIL's bicubic resampling does), clamp to [0, 1] (as 8-bit resampling does),
 centre-crop or pad to the model's square image size, and normalise with the mean and std of the folder's
@@ -37,6 +41,7 @@ from transformers import CLIPModel, PreTrainedTokenizerBase
 
 from egrpo.rewards.base import weights_path
 from egrpo.rewards.loading import load_pretrained, load_tokenizer
+from egrpo.rewards.tokenization import ClipPrompts, PromptTokenizer, TransformersPrompts
 
 # OpenAI CLIP's normalisation, used by CLIP, PickScore, HPSv2 and BLIP alike.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -118,19 +123,20 @@ def embedding(output: object) -> torch.Tensor:
 class ClipSimilarity:
     """A CLIP-family reward: the cosine of image and prompt embeddings, times exp(logit_scale) if asked.
 
+    `tokenize` turns prompts into the ids the model's reference would give it (egrpo.rewards.tokenization).
     See the module docstring for the scale of each reward built from it."""
 
     def __init__(
         self,
         name: str,
         model: CLIPModel,
-        tokenizer: PreTrainedTokenizerBase,
+        tokenize: PromptTokenizer,
         transform: ImageTransform,
         scale_by_logit: bool = False,
     ) -> None:
         self.names: tuple[str, ...] = (name,)
         self.model = model
-        self.tokenizer = tokenizer
+        self.tokenize = tokenize
         self.transform = transform
         self.scale_by_logit = scale_by_logit
 
@@ -139,13 +145,7 @@ class ClipSimilarity:
         images, finite = split_unscorable(images, prompts)
         device = self.model.device
         pixels = self.transform(images.to(device))
-        tokens = self.tokenizer(
-            prompts,
-            padding=True,
-            truncation=True,
-            max_length=self.model.config.text_config.max_position_embeddings,
-            return_tensors="pt",
-        ).to(device)
+        tokens = {key: value.to(device) for key, value in self.tokenize(prompts).items()}
         image_embeds = embedding(self.model.get_image_features(pixel_values=pixels))
         text_embeds = embedding(
             self.model.get_text_features(
@@ -166,11 +166,17 @@ def load_clip_folder(folder: Path, device: str) -> tuple[CLIPModel, PreTrainedTo
 
 
 def load_clip_score(path: str | None, device: str) -> ClipSimilarity:
-    """The `clip` reward model (reward `clip_score`); see the module docstring for the layout and scale."""
-    return ClipSimilarity("clip_score", *load_clip_folder(weights_path("clip", path), device))
+    """The `clip` reward model (reward `clip_score`); see the module docstring for the layout and scale.
+    Prompts are tokenised as OpenAI CLIP's clip.tokenize(truncate=True), which the model was trained with."""
+    model, tokenizer, transform = load_clip_folder(weights_path("clip", path), device)
+    tokenize = ClipPrompts(tokenizer, context_length=model.config.text_config.max_position_embeddings)
+    return ClipSimilarity("clip_score", model, tokenize, transform)
 
 
 def load_pickscore(path: str | None, device: str) -> ClipSimilarity:
-    """The `pickscore` reward model (reward `pickscore`); the module docstring gives the layout and scale."""
+    """The `pickscore` reward model (reward `pickscore`); the module docstring gives the layout and scale.
+    Prompts are tokenised by the folder's transformers tokenizer as PickScore's own code calls its processor
+    (padding=True, truncation=True, max_length=77), which is also how PickScore was trained."""
     model, tokenizer, transform = load_clip_folder(weights_path("pickscore", path), device)
-    return ClipSimilarity("pickscore", model, tokenizer, transform, scale_by_logit=True)
+    tokenize = TransformersPrompts(tokenizer, max_length=model.config.text_config.max_position_embeddings)
+    return ClipSimilarity("pickscore", model, tokenize, transform, scale_by_logit=True)

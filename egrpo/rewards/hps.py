@@ -11,9 +11,10 @@ Path layout (a folder):
 
     <path>/clip/                     laion/CLIP-ViT-H-14-laion2B-s32B-b79K's transformers files: config.json
                                      (its `gelu` activation and 16 heads per tower cannot be read off the
-                                     weights), the tokenizer files (open_clip's tokenizer is CLIP's BPE with a
-                                     context of 77, the same as this one) and preprocessor_config.json. Its
-                                     weights are not read: a symlink to a full download works too.
+                                     weights), the tokenizer files (open_clip's BPE vocabulary and merges;
+                                     prompts are cleaned, split and padded as open_clip's tokenizer does it,
+                                     see egrpo.rewards.tokenization) and preprocessor_config.json. Its weights
+                                     are not read: a symlink to a full download works too.
     <path>/HPS_v2.1_compressed.pt    the checkpoint; any one *.pt, *.pth or *.bin file directly in <path>
 
 Score: the cosine of the image and prompt embeddings, as HPSv2's own scoring computes it; about 0.25-0.35
@@ -39,6 +40,7 @@ from egrpo.rewards.loading import (
     load_tokenizer,
     single_checkpoint,
 )
+from egrpo.rewards.tokenization import OPEN_CLIP_SPECIALS, ClipPrompts
 
 # open_clip name -> transformers CLIPModel name, for the keys outside the transformer blocks.
 # visual.proj and text_projection are (width, embed) matrices applied as x @ proj; transformers' projections
@@ -133,4 +135,7 @@ def load_hpsv2(path: str | None, device: str) -> ClipSimilarity:
         model = CLIPModel(config)
     load_state(model, converted, checkpoint_file)
     transform = ImageTransform.for_folder(clip_folder, config.vision_config.image_size, fit="pad")
-    return ClipSimilarity("hpsv2", model.eval(), tokenizer, transform)
+    # HPSv2 scores with open_clip's tokenizer, not the folder's transformers one (which would, among other
+    # things, read each "!" in a prompt as LAION's pad token)
+    tokenize = ClipPrompts(tokenizer, OPEN_CLIP_SPECIALS, config.text_config.max_position_embeddings)
+    return ClipSimilarity("hpsv2", model.eval(), tokenize, transform)

@@ -9,12 +9,17 @@ Path layout (a folder holding THUDM/ImageReward's files):
                               with cross-attention), mlp.* (the head); any one *.pt, *.pth, *.bin or
                               *.safetensors file
     <path>/med_config.json    BLIP's BERT config for the text encoder
-    <path>/tokenizer/         bert-base-uncased's tokenizer files (vocab.txt, tokenizer_config.json, ...)
+    <path>/tokenizer/         bert-base-uncased's tokenizer files (vocab.txt and/or tokenizer.json;
+                              config.json and tokenizer_config.json are optional), read as a BertTokenizer
+                              with BLIP's [DEC] and [ENC] tokens added, as BLIP's init_tokenizer builds it
 
 The ViT's shape is read off the checkpoint (BLIP's ViTs have 64-wide attention heads and LayerNorm eps 1e-6);
 its width also sets the text encoder's cross-attention width, as BLIP does, whatever med_config.json says.
 Other keys in the file (BLIP's contrastive projections, buffers) are not used by the score and are ignored,
 as ImageReward's own non-strict loading ignores them.
+
+Prompts are tokenised as ImageReward's own code does: that tokenizer with padding="max_length", truncation and
+max_length=35 ([CLS], at most 33 word pieces, [SEP], then [PAD] = 0).
 
 Score: the head's output standardised with ImageReward's constants, (r - 0.16717) / 1.03334, so 0 is the mean
 and 1 the standard deviation over the human-rated images it was trained on; generated images mostly score
@@ -27,9 +32,11 @@ import json
 import math
 import re
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 from transformers import (
+    BertTokenizer,
     BlipTextConfig,
     BlipTextModel,
     BlipVisionConfig,
@@ -47,6 +54,7 @@ from egrpo.rewards.loading import (
     require_file,
     single_checkpoint,
 )
+from egrpo.rewards.tokenization import PromptTokenizer, TransformersPrompts
 
 # ImageReward's standardisation of the head's output.
 REWARD_MEAN = 0.16717362830052426
@@ -159,13 +167,13 @@ class ImageRewardModel:
         vision: BlipVisionModel,
         text: BlipTextModel,
         head: ScoreHead,
-        tokenizer: PreTrainedTokenizerBase,
+        tokenize: PromptTokenizer,
         transform: ImageTransform,
     ) -> None:
         self.vision = vision
         self.text = text
         self.head = head
-        self.tokenizer = tokenizer
+        self.tokenize = tokenize
         self.transform = transform
 
     @torch.no_grad()
@@ -173,9 +181,7 @@ class ImageRewardModel:
         images, finite = split_unscorable(images, prompts)
         device = self.vision.device
         image_tokens = self.vision(pixel_values=self.transform(images.to(device))).last_hidden_state
-        tokens = self.tokenizer(
-            prompts, padding="max_length", truncation=True, max_length=MAX_PROMPT_TOKENS, return_tensors="pt"
-        ).to(device)
+        tokens = {key: value.to(device) for key, value in self.tokenize(prompts).items()}
         features = self.text(
             input_ids=tokens["input_ids"],
             attention_mask=tokens["attention_mask"],
@@ -187,11 +193,24 @@ class ImageRewardModel:
         return {"imagereward": mask_unscorable(reward, finite)}
 
 
+def load_blip_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
+    """BLIP's tokenizer from bert-base-uncased's files in `folder`, as BLIP's init_tokenizer builds it:
+    a BertTokenizer (whatever config files are there or missing, so it always has its [PAD] = 0 pad token)
+    with [DEC] as bos_token and [ENC] as an additional special token; for files that already hold them (a
+    saved BLIP tokenizer) this changes nothing."""
+    tokenizer = load_tokenizer(folder, BertTokenizer)
+    tokenizer.add_special_tokens({"bos_token": "[DEC]"})
+    tokenizer.add_special_tokens({"additional_special_tokens": ["[ENC]"]})
+    return tokenizer
+
+
 def load_imagereward(path: str | None, device: str) -> ImageRewardModel:
     """The `imagereward` reward model from the folder layout in the module docstring."""
     folder = weights_path("imagereward", path)
     checkpoint_file = single_checkpoint(folder)
-    tokenizer = load_tokenizer(folder / "tokenizer")
+    tokenize = TransformersPrompts(
+        load_blip_tokenizer(folder / "tokenizer"), max_length=MAX_PROMPT_TOKENS, padding="max_length"
+    )
     med = json.loads(require_file(folder / "med_config.json", "BLIP's text encoder config").read_text())
     checkpoint = load_checkpoint_file(checkpoint_file)
     try:
@@ -206,4 +225,4 @@ def load_imagereward(path: str | None, device: str) -> ImageRewardModel:
     for module, state in ((vision, vision_state), (text, text_state), (head, head_state)):
         load_state(module, state, checkpoint_file)
     transform = ImageTransform(vision_config.image_size)
-    return ImageRewardModel(vision.eval(), text.eval(), head.eval(), tokenizer, transform)
+    return ImageRewardModel(vision.eval(), text.eval(), head.eval(), tokenize, transform)

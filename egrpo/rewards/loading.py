@@ -103,14 +103,19 @@ def load_pretrained(
     return model.to(device).eval()
 
 
-def load_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
-    """The tokenizer saved in `folder` (tokenizer.json, or vocab files such as vocab.json + merges.txt)."""
+def load_tokenizer(
+    folder: Path, cls: type[PreTrainedTokenizerBase] | type[AutoTokenizer] = AutoTokenizer
+) -> PreTrainedTokenizerBase:
+    """The tokenizer saved in `folder` (tokenizer.json, or vocab files such as vocab.json + merges.txt), as
+    `cls`. Give the class when it is known: AutoTokenizer infers it from tokenizer_config.json or config.json,
+    and bert-base-uncased's tokenizer files, for one, name no class, so without config.json they load as a
+    generic tokenizer with no pad token."""
     if not any((folder / name).exists() for name in ("tokenizer.json", "vocab.json", "vocab.txt")):
         raise FileNotFoundError(
             f"{folder} has no tokenizer (tokenizer.json, vocab.json + merges.txt, or vocab.txt): "
             f"copy the tokenizer files of the model's base checkpoint into it"
         )
-    return AutoTokenizer.from_pretrained(folder)
+    return cls.from_pretrained(folder)
 
 
 def _some(keys: list[str], shown: int = 4) -> str:

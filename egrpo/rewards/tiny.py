@@ -33,10 +33,12 @@ IMAGE_SIZE = 32
 WIDTH = 32  # hidden size of both towers and the projection width
 
 
-def build_tiny_clip(seed: int = 0) -> tuple[CLIPModel, CLIPTokenizer]:
+def build_tiny_clip(seed: int = 0, tokenizer: CLIPTokenizer | None = None) -> tuple[CLIPModel, CLIPTokenizer]:
     """A tiny CLIPModel (32 wide, 2 layers per tower, 32 px images in 8 px patches) and its tokenizer, in eval
-    mode; the weights are deterministic given `seed` (the global torch RNG is left untouched)."""
-    tokenizer = clip_tokenizer()
+    mode; the weights are deterministic given `seed` (the global torch RNG is left untouched). The tokenizer
+    is the character-level one unless given: tests of prompt tokenisation pass one with CLIP's real
+    vocabulary, and the text tower is sized to it."""
+    tokenizer = clip_tokenizer() if tokenizer is None else tokenizer
     config = CLIPConfig(
         text_config=clip_config(tokenizer, hidden_size=WIDTH).to_dict(),
         vision_config={
