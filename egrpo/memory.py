@@ -48,7 +48,7 @@ Inference working set of one transformer call (no autograd; what lives while the
 Measured on CPU (fp32, `TensorMemoryTracker`), estimate / measured: 0.91-1.21 on tiny FLUX and SD3 models and
 0.96-1.27 on an SD3.5-wide one with LoRA, rollout forwards and learner passes, with and without checkpointing.
 
-Rollout worker (`RolloutWorker`: `load_policy(keep_reference=plan.method == "aegpo")`; runtime.rollout_gpus)
+Rollout worker (`RolloutWorker`: `load_policy(keep_reference=` the method needs probes `)`; runtime.rollout_gpus)
     transformer weights (P + B) b; reference copy (P + B) b under full fine-tuning with aegpo (E_ref; LoRA's
     reference is the adapter switched off: free); LoRA adapter 4 L (fp32); text encoders and VAE, params x b;
     prompt cache PROMPT_CACHE_SIZE x (N_txt J + pooled + FLUX's 3 N_txt position ids) b; CUDA context 0.5 GB;
@@ -71,7 +71,7 @@ Learner (`LearnerActor`: `load_policy(keep_reference=train.kl_beta > 0)`, rank 0
     gradient accumulation 4 T; LoRA and fp32 weights train in their own dtype (ZeRO >= 1 still keeps an fp32
     master copy of its partition). Sharding over K: z >= 1 the master copy and the moments, z >= 2 also the
     gradients, z = 3 also the weights. Gradient reduction bucket: min(T, 5e8) elements x b (DeepSpeed's
-    reduce_bucket_size; preallocated for z >= 2). Text encoders unless model.learner_text_encoders is false;
+    reduce_bucket_size; preallocated for z >= 2), all 5e8 under z = 3, which allocates it whole. Text encoders unless model.learner_text_encoders is false;
     the VAE; the prompt cache; CUDA context. Phases:
       load               before DeepSpeed partitions anything: the full weights, the reference copy, the text
                          encoders (freed afterwards when learners do without them), VAE, LoRA, CUDA context
@@ -107,6 +107,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
+
+from egrpo.methods import branch_split_points, is_tree, plan_method, tree_splits
 
 if TYPE_CHECKING:
     from egrpo.config import Config
@@ -519,18 +521,25 @@ def _dtype_bytes(cfg: Config) -> int:
 
 def workload(cfg: Config) -> Workload:
     """Per rollout worker: ceil(prompts / workers) prompts, each with G samples (grpo, mix), G x active steps
-    (egrpo) or up to aegpo.g_max (aegpo), or its share of the held-out samples if more. Per learner: the
-    micro-batch, at most a rank's rows of a minibatch (ceil(train.batch_size / learners))."""
-    p, r = cfg.plan, cfg.runtime
+    (egrpo), up to aegpo.g_max (aegpo), or a tree's leaves (branch, aegpo's tree: at most 2 trained edges per
+    leaf with ODE between splits, one per step with SDE), or its share of the held-out samples if more. Per
+    learner: the micro-batch, at most a rank's rows of a minibatch (ceil(rows / learners), where a minibatch
+    holds train.batch_size rows or up to one unit more: rows that share an input stay together)."""
+    p, r, steps = cfg.plan, cfg.runtime, cfg.sampler.steps
     prompts = math.ceil(p.prompts_per_iteration / r.rollout_workers)
-    per_prompt, trained_per_sample = {
-        "grpo": (p.group_size, max(1, round(cfg.grpo.train_fraction * cfg.sampler.steps))),
-        "mix": (p.group_size, cfg.mix.window),
-        "egrpo": (p.group_size * cfg.egrpo_active_steps, 1),
-        "aegpo": (cfg.aegpo.g_max, cfg.aegpo.peaks),
+    tree_edges = 2 if cfg.tree.between == "ode" else steps
+    branch_leaves = cfg.tree.factor ** len(branch_split_points(cfg))
+    aegpo_tree_leaves = cfg.tree.factor ** tree_splits(cfg, cfg.aegpo.g_max)
+    per_prompt, trained_per_sample, unit = {
+        "grpo": (p.group_size, max(1, round(cfg.grpo.train_fraction * steps)), p.group_size),
+        "mix": (p.group_size, cfg.mix.window, p.group_size),
+        "egrpo": (p.group_size * cfg.egrpo_active_steps, 1, p.group_size),
+        "aegpo": ((aegpo_tree_leaves, tree_edges, cfg.tree.factor) if is_tree(cfg)
+                  else (cfg.aegpo.g_max, cfg.aegpo.peaks, cfg.aegpo.g_max)),
+        "branch": (branch_leaves, tree_edges, cfg.tree.factor),
     }[p.method]
     held_out = math.ceil(cfg.train.eval_prompts * cfg.train.eval_seeds / r.rollout_workers)
-    rows_per_rank = math.ceil(cfg.train.batch_size / r.learners)
+    rows_per_rank = math.ceil((cfg.train.batch_size + unit - 1) / r.learners)
     micro = min(cfg.train.micro_batch_size or rows_per_rank, rows_per_rank)
     return Workload(prompts, max(prompts * per_prompt, held_out), prompts * per_prompt * trained_per_sample,
                     micro * _cfg_factor(cfg))
@@ -553,7 +562,7 @@ def rollout_memory(cfg: Config, arch: ModelArchitecture, work: Workload) -> Role
     latent = arch.image_tokens * t.token_channels * 4
     held = {
         "transformer weights": weights,
-        "reference copy": weights if m.finetune == "full" and cfg.plan.method == "aegpo" else 0,
+        "reference copy": weights if m.finetune == "full" and plan_method(cfg).needs_probes else 0,
         "LoRA adapter (fp32)": 4 * arch.lora_params,
         "text encoders": sum(arch.text_encoder_params.values()) * b,
         "VAE": arch.vae_params * b,
@@ -565,7 +574,7 @@ def rollout_memory(cfg: Config, arch: ModelArchitecture, work: Workload) -> Role
     per_row = inference_working_set(t, arch.image_tokens, arch.text_tokens, b)
     call_rows = min(cfg.sampler.batch_size, work.samples_per_worker) * _cfg_factor(cfg)
     phases = {"transformer call": {**held, "activations (one call)": call_rows * per_row}}
-    if cfg.plan.method == "aegpo":
+    if plan_method(cfg).needs_probes:
         a, n = cfg.aegpo, arch.image_tokens + arch.text_tokens
         probe = n * t.width * (4 + b) + 2 * t.heads * min(a.probe_chunk, a.probe_rows) * n * 4
         anchor_rows = min(cfg.sampler.batch_size, work.prompts_per_worker) * _cfg_factor(cfg)
@@ -593,7 +602,9 @@ def learner_memory(cfg: Config, arch: ModelArchitecture, work: Workload) -> Role
     fp32_optimizer = mixed or zero >= 1  # the optimiser steps fp32 copies (ZeRO partitions, bf16 masters)
     optimizer_share = ranks if zero >= 1 else 1
     full_weights = (t.params + t.buffer_elements) * b
-    reduction_bucket = min(trained, REDUCE_BUCKET_ELEMENTS) * param_bytes
+    # ZeRO 3 preallocates the whole reduce bucket however small the model (deepspeed stage3.py, "IPG");
+    # ZeRO 2's grows to at most the trained parameters
+    reduction_bucket = (REDUCE_BUCKET_ELEMENTS if zero == 3 else min(trained, REDUCE_BUCKET_ELEMENTS)) * param_bytes
     text_encoders = sum(arch.text_encoder_params.values()) * b
     reference = full_weights if full and cfg.train.kl_beta > 0 else 0
     held = {

@@ -172,18 +172,7 @@ def build_wide_sd3_pipeline(
             config = clip_config(clip, hidden_size=16)
             config.projection_dim = pooled_projection_dim // 2  # SD3 concatenates the two pooled projections
             text_encoders.append(CLIPTextModelWithProjection(config))
-        vae = AutoencoderKL(
-            down_block_types=("DownEncoderBlock2D",) * 4,  # three downsamplings: 8x, as SD3's VAE
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(8, 8, 16, 16),
-            layers_per_block=1,
-            latent_channels=16,
-            norm_num_groups=8,
-            use_quant_conv=False,
-            use_post_quant_conv=False,
-            shift_factor=0.0609,
-            scaling_factor=1.5305,
-        )
+        vae = _vae(block_out_channels=(8, 8, 16, 16))  # three downsamplings: 8x, as SD3's VAE
         pipe = StableDiffusion3Pipeline(
             transformer=transformer,
             scheduler=_scheduler(),
@@ -246,18 +235,19 @@ def _scheduler() -> FlowMatchEulerDiscreteScheduler:
     return FlowMatchEulerDiscreteScheduler(shift=SCHEDULE_SHIFT, use_dynamic_shifting=False)
 
 
-def _vae() -> AutoencoderKL:
+def _vae(block_out_channels: tuple[int, ...] = (8, 16)) -> AutoencoderKL:
+    """A 16-channel VAE with SD3's shift and scale; each block after the first halves the resolution."""
     return AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * len(block_out_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(block_out_channels),
+        block_out_channels=block_out_channels,
         layers_per_block=1,
         latent_channels=16,
         norm_num_groups=8,
         use_quant_conv=False,
         use_post_quant_conv=False,
         shift_factor=0.0609,
-        scaling_factor=1.5035,
+        scaling_factor=1.5305,
     )
 
 

@@ -393,7 +393,16 @@ class DeepSpeedLearner(GRPOLearner):
         return set(state.get("module") or {})
 
     def close(self) -> None:
-        """Leave and destroy the process group (do this before killing an actor)."""
+        """Leave and destroy the process group (do this before killing an actor), and undo ZeRO 3's process-wide
+        swap of torch.nn.functional.linear for its own (`memory_efficient_linear`, which "will persist unless
+        manually reset"), so that later models in this process compute linear layers as before."""
+        if getattr(self, "_deepspeed", None) is not None:
+            from deepspeed.runtime.zero.partition_parameters import (
+                InsertPostInitMethodToModuleSubClasses as Hooks,
+            )
+
+            if hasattr(Hooks, "linear_bk"):
+                torch.nn.functional.linear = Hooks.linear_bk
         if torch.distributed.is_initialized():
             deepspeed = getattr(self, "_deepspeed", None)
             if deepspeed is not None and deepspeed.comm.is_initialized():
