@@ -85,13 +85,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
         return 0
     lengths = dict(zip(info["active_steps"], info["merge_lengths"], strict=True))
     s = cfg.sampler
-    print(f"E-GRPO plan: {s.steps} steps, shift {s.shift}, noise {s.noise} ({s.noise_level}), "
+    schedule = f"shift {s.shift}" if s.schedule == "shift" else "the model pipeline's own schedule"
+    print(f"E-GRPO plan: {s.steps} steps, {schedule}, noise {s.noise} ({s.noise_level}), "
           f"tau {cfg.egrpo.tau} on exp(h)")
     print(f"{'step':>4} {'sigma':>7} {'h':>8} {'exp(h)':>7} {'active':>6} {'merge':>5} {'merged exp(h)':>13}")
-    from egrpo.methods import noise_spec
-    from egrpo.sampling.steps import sigma_schedule, step_entropy
+    from egrpo.methods import noise_spec, schedule_sigmas
+    from egrpo.sampling.steps import step_entropy
 
-    sigmas = sigma_schedule(s.steps, s.shift)
+    sigmas = schedule_sigmas(cfg)
     for i, h in enumerate(info["step_entropy"]):
         length = lengths.get(i)
         merged = f"{math.exp(step_entropy(noise_spec(cfg), sigmas, i, length)):13.3f}" if length else ""
@@ -216,6 +217,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from egrpo.bench.algorithms import main as bench_algorithms
 
         return bench_algorithms(quick=args.quick, seeds=args.seeds, out=out)
+    if args.bench == "probe":
+        from egrpo.bench.probe import main as bench_probe
+
+        return bench_probe(quick=args.quick, out=out)
     if args.bench == "scale":
         from egrpo.bench.scale import main as bench_scale
 
@@ -294,9 +299,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default: <run dir>-eval)")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("bench", help="benchmarks: sample efficiency (algorithms), system efficiency (system), or "
-                                     "a real-width rehearsal of full fine-tuning with checks (scale)")
-    p.add_argument("bench", choices=["algorithms", "system", "scale"])
+    p = sub.add_parser("bench", help="benchmarks: sample efficiency (algorithms), system efficiency (system), "
+                                     "what AEGPO's entropy probe needs (probe), or a real-width rehearsal of full "
+                                     "fine-tuning with checks (scale)")
+    p.add_argument("bench", choices=["algorithms", "system", "probe", "scale"])
     p.add_argument("--quick", action="store_true", help="the smallest setting (under two minutes on 2 cores)")
     p.add_argument("--seeds", type=int, default=None, help="algorithms: seeds per method")
     p.add_argument("--gpu", action="store_true", help="system: also measure a FLUX-sized transformer on CUDA")

@@ -61,7 +61,11 @@ class ModelConfig:
 @dataclass(frozen=True)
 class SamplerConfig:
     steps: int = _f(16, "denoising steps T")
-    shift: float = _f(3.0, "schedule shift s in sigma = s t / (1 + (s - 1) t)")
+    schedule: Literal["shift", "pipeline"] = _f(
+        "shift", "sigmas: shift(1 - i/T) (DanceGRPO, VisualGRPO, MixGRPO on FLUX), or the model's own pipeline's "
+        "(Flow-GRPO on SD3; FLUX.1-dev's resolution-dependent shift; egrpo.models.schedules)"
+    )
+    shift: float = _f(3.0, "schedule shift s in sigma = s t / (1 + (s - 1) t) (schedule: shift)")
     noise: Literal["flow_grpo", "dance"] = _f("flow_grpo", "SDE noise form: g = a sqrt(sigma/(1-sigma)) or g = eta")
     noise_level: float = _f(0.7, "a (flow_grpo) or eta (dance)")
     logprob_reduction: Literal["mean", "sum"] = _f("mean", "reduction of the per-element Gaussian log-prob")

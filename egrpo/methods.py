@@ -9,12 +9,16 @@ whose plan is a tree (`is_tree`) gets advantages per tree node instead of per sa
 
 from __future__ import annotations
 
+import functools
+import json
 import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from egrpo.config import Config
+import torch
+
+from egrpo.config import Config, ModelConfig
 from egrpo.sampling import plans as P
 from egrpo.sampling.steps import NoiseSpec, sigma_schedule, step_entropy
 
@@ -39,8 +43,27 @@ def noise_spec(cfg: Config) -> NoiseSpec:
     return NoiseSpec(cfg.sampler.noise, cfg.sampler.noise_level)
 
 
+def schedule_sigmas(cfg: Config) -> torch.Tensor:
+    """The run's sigmas (`sampler.schedule`): egrpo's shift(1 - i/T), or the model's own pipeline's."""
+    if cfg.sampler.schedule == "shift":
+        return sigma_schedule(cfg.sampler.steps, cfg.sampler.shift)
+    return _pipeline_schedule(cfg.model, cfg.sampler.steps).clone()
+
+
+@functools.lru_cache(maxsize=8)
+def _pipeline_schedule(model: ModelConfig, steps: int) -> torch.Tensor:
+    """egrpo.models.schedules.pipeline_sigmas from model.path's configs (or the shipped ones, as `egrpo plan
+    --memory` reads them) at the run's image size; cached, since plans ask for it every iteration."""
+    from egrpo.memory import load_architecture
+    from egrpo.models.schedules import pipeline_sigmas
+
+    arch = load_architecture(Config(model=model))
+    scheduler_config = json.loads((arch.folder / "scheduler" / "scheduler_config.json").read_text())
+    return pipeline_sigmas(scheduler_config, arch.transformer.family, steps, arch.image_tokens)
+
+
 def egrpo_merge_lengths(cfg: Config) -> list[int]:
-    sigmas = sigma_schedule(cfg.sampler.steps, cfg.sampler.shift)
+    sigmas = schedule_sigmas(cfg)
     return P.merge_lengths(sigmas, noise_spec(cfg), cfg.egrpo.tau, cfg.egrpo_active_steps)
 
 
@@ -48,7 +71,7 @@ def aegpo_merge_lengths(cfg: Config) -> list[int]:
     """Length of the SDE step at each step of the schedule: E-GRPO's merge lengths with `aegpo.merge`, else 1."""
     if not cfg.aegpo.merge:
         return [1] * cfg.sampler.steps
-    sigmas = sigma_schedule(cfg.sampler.steps, cfg.sampler.shift)
+    sigmas = schedule_sigmas(cfg)
     return P.merge_lengths(sigmas, noise_spec(cfg), cfg.egrpo.tau, cfg.sampler.steps)
 
 
@@ -125,7 +148,7 @@ def build_plan(cfg: Config, prompts: list[str], iteration: int, guidance: Entrop
 
 def describe_schedule(cfg: Config) -> dict:
     """What `egrpo plan` prints: per step sigma and one-step entropy; the active steps and their merge lengths."""
-    sigmas = sigma_schedule(cfg.sampler.steps, cfg.sampler.shift)
+    sigmas = schedule_sigmas(cfg)
     noise = noise_spec(cfg)
     active = list(range(cfg.egrpo_active_steps))
     return {
@@ -134,4 +157,5 @@ def describe_schedule(cfg: Config) -> dict:
         "active_steps": active,
         "merge_lengths": egrpo_merge_lengths(cfg),
         "tau": cfg.egrpo.tau,
+        "schedule": cfg.sampler.schedule,
     }

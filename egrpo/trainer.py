@@ -22,12 +22,11 @@ from egrpo.checkpoint import load_checkpoint, load_torch_optimizer, save_checkpo
 from egrpo.config import Config, dump_config, to_dict
 from egrpo.data.prompts import load_prompts
 from egrpo.learner import GRPOLearner, make_minibatches
-from egrpo.methods import is_tree, noise_spec, plan_method
+from egrpo.methods import is_tree, noise_spec, plan_method, schedule_sigmas
 from egrpo.report import MetricsLog, mean_or_nan, plot_reward_curve, save_image_grid
 from egrpo.rewards.base import build_reward_models, score_samples
 from egrpo.sampling.plans import ode_plan
 from egrpo.sampling.rollout import ProbeResult, RolloutResult, SamplerSettings, probe_entropies, run_plan
-from egrpo.sampling.steps import sigma_schedule
 from egrpo.scheduler import Scheduler
 
 log = logging.getLogger("egrpo")
@@ -93,7 +92,7 @@ def sampler_settings(cfg: Config, device: torch.device | None = None) -> Sampler
     s = cfg.sampler
     decode_batch_size = resolve_decode_batch_size(s.decode_batch_size, s.batch_size,
                                                   device or pick_device(cfg.run.device))
-    return SamplerSettings(sigma_schedule(s.steps, s.shift), noise_spec(cfg), s.logprob_reduction, s.decode_from,
+    return SamplerSettings(schedule_sigmas(cfg), noise_spec(cfg), s.logprob_reduction, s.decode_from,
                            batch_size=s.batch_size, decode_batch_size=decode_batch_size)
 
 

@@ -355,3 +355,40 @@ def test_entropy_probe_with_classifier_free_guidance_reads_the_conditional_rows(
     assert all(a.shape[0] == steps + 1 for a in anchors.values())  # the anchors' latents at every index
     first_step = probe_entropies(plain, requests, settings, ProbeSettings(rows=8), steps)[0].entropy[:, 0]
     torch.testing.assert_close(result.entropy[:, 0], first_step)  # same input x at step 0, same prompts
+
+
+@pytest.mark.parametrize("name", ["flux", "sd3"])
+def test_pipeline_schedule_is_the_pipelines_own(folders: dict[str, Path], name: str, tmp_path: Path) -> None:
+    """`sampler.schedule: pipeline` gives the sigmas the folder's diffusers pipeline samples with: SD3's
+    scheduler spacing (down to its sigma_min), FLUX's dynamic shift by the image's tokens (FLUX.1-dev's
+    scheduler config); and the ODE sampler on them reproduces the pipeline's latents."""
+    import json
+    import shutil
+
+    from egrpo.config import load_config
+    from egrpo.methods import schedule_sigmas
+
+    folder = tmp_path / name
+    shutil.copytree(folders[name], folder)
+    if name == "flux":  # FLUX.1-dev's own scheduler: dynamic shifting from the token count
+        config_file = folder / "scheduler" / "scheduler_config.json"
+        config = json.loads(config_file.read_text())
+        config.update(use_dynamic_shifting=True, base_image_seq_len=4, max_image_seq_len=64)
+        config_file.write_text(json.dumps(config))
+    steps = 4
+    cfg = load_config(None, [f"model.path={folder}", f"sampler.steps={steps}", "sampler.schedule=pipeline",
+                             f"model.max_sequence_length={MAX_SEQ}"])
+    sigmas = schedule_sigmas(cfg)
+    assert len(sigmas) == steps + 1 and sigmas[0] == 1 and sigmas[-1] == 0
+    assert not torch.allclose(sigmas, sigma_schedule(steps, 3.0))  # not egrpo's shift(1 - i/T)
+    policy = load(folder)
+    noise = policy.initial_noise([0, 1])
+    result = run_plan(policy, ode_plan(PROMPTS, [0, 1], steps), SamplerSettings(sigmas, NoiseSpec("flow_grpo", 0.7)))
+    call = dict(prompt=PROMPTS, latents=noise, num_inference_steps=steps, height=SIZE, width=SIZE,
+                max_sequence_length=MAX_SEQ, output_type="latent",
+                guidance_scale=policy.guidance if name == "flux" else 1.0)
+    expected = policy.pipe(**call).images  # no sigmas: the pipeline chooses its own
+    torch.testing.assert_close(policy.pipe.scheduler.sigmas.double(), sigmas, atol=1e-6, rtol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(to_float_images(result.samples["images"]), policy.decode(expected),
+                                   atol=QUANTUM + 1e-5, rtol=0)
