@@ -216,3 +216,15 @@ def test_rollout_reuses_probed_anchors(tmp_path):
     reused = run_plan(policy, plans, settings, anchors)
     assert torch.equal(fresh.samples["images"], reused.samples["images"])
     assert fresh.transformer_calls - reused.transformer_calls == 2 + 1  # the anchors to steps 2 and 1
+
+
+def test_plan_command_shows_a_branch_recipes_split_steps_and_leaves():
+    import json
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "egrpo.cli", "plan", "launch/configs/toy-branch.yaml", "--json"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    info = json.loads(done.stdout)
+    assert info["splits"] == [0, 2, 4, 6] and info["leaves"] == 16
