@@ -68,8 +68,10 @@ def head():
     env["DS_ACCELERATOR"] = "cpu"
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"  # launch/submit.sh calls `ray`
     gcs, dashboard, metrics = _free_port(), _free_port(), _free_port()
+    # --num-cpus=2: what the README's `ray start --head` declares on a 2-core laptop, whatever this machine has;
+    # the ports are free ones so that a Ray already on 6379/8265 does not interfere
     subprocess.run([BIN / "ray", "start", "--head", f"--port={gcs}", f"--dashboard-port={dashboard}",
-                    "--dashboard-host=127.0.0.1", f"--metrics-export-port={metrics}", "--num-cpus=8",
+                    "--dashboard-host=127.0.0.1", f"--metrics-export-port={metrics}", "--num-cpus=2",
                     "--include-dashboard=true", "--disable-usage-stats"],
                    check=True, env=env, capture_output=True, timeout=120)
     try:

@@ -48,6 +48,40 @@ def test_an_unreachable_address_is_named(tmp_path):
     assert time.perf_counter() - start < 60
 
 
+def test_the_logged_dashboard_address_is_where_ray_bound_it(tmp_path):
+    """With 8265 taken, Ray binds its dashboard elsewhere: egrpo logs that address, and it answers."""
+    import socket
+    import subprocess
+    import sys
+
+    blocker = socket.socket()
+    try:
+        blocker.bind(("127.0.0.1", 8265))
+        blocker.listen()
+    except OSError:
+        pass  # something already holds 8265: the case under test as well
+    # the child logs through egrpo's logger, then fetches the address it logged, while its Ray is up
+    code = "\n".join([
+        "import io, logging, urllib.request",
+        "from egrpo.config import load_config",
+        "from egrpo.runtime.driver import connect",
+        "captured = io.StringIO(); logging.getLogger('egrpo').addHandler(logging.StreamHandler(captured))",
+        "logging.getLogger('egrpo').setLevel(logging.INFO)",
+        f"connect(load_config({str(RECIPE)!r}, ['runtime.dashboard=true']))",
+        "line = next(x for x in captured.getvalue().splitlines() if 'Ray dashboard at ' in x)",
+        "address = line.split('Ray dashboard at ')[1].strip()",
+        "print(address, urllib.request.urlopen(address, timeout=30).status)",
+    ])
+    try:
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                              cwd=Path(__file__).parents[1])
+    finally:
+        blocker.close()
+    assert done.returncode == 0, done.stderr[-3000:]
+    address, status = done.stdout.split()[-2:]
+    assert address.startswith("http://") and not address.endswith(":8265") and status == "200", done.stdout
+
+
 @pytest.mark.parametrize("recipe", ["toy-egrpo.yaml", "toy-branch.yaml"])
 def test_one_iteration_on_ray_equals_the_in_process_loop(tmp_path, local_ray, recipe):
     """Same config and seeds: same rewards, advantages and updated weights (2 rollout workers, 2 learners).

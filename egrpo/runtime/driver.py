@@ -29,7 +29,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
 from egrpo.batch import Batch
-from egrpo.checkpoint import resolve_checkpoint
+from egrpo.checkpoint import checkpoint_to_resume, resolve_checkpoint
 from egrpo.config import Config
 from egrpo.learner import make_minibatches
 from egrpo.runtime.actors import BudgetScheduler, RewardServer, RolloutShard, RolloutWorker
@@ -102,11 +102,12 @@ def connect(cfg: Config) -> None:
         return
     needed = sum(n * cpus for n, cpus, _ in role_resources(cfg, use_gpus=False).values())
     logical_cpus = max(os.cpu_count() or 1, math.ceil(needed))
-    log.info("starting a local Ray with %d logical CPUs%s", logical_cpus,
-             f", dashboard at http://{cfg.runtime.dashboard_host}:8265" if cfg.runtime.dashboard else "")
+    log.info("starting a local Ray with %d logical CPUs", logical_cpus)
     # address="local": a new Ray of our own, even when a `ray start` cluster runs on this machine
-    ray.init(address="local", num_cpus=logical_cpus, include_dashboard=cfg.runtime.dashboard,
-             dashboard_host=cfg.runtime.dashboard_host, runtime_env={"env_vars": env}, log_to_driver=True)
+    context = ray.init(address="local", num_cpus=logical_cpus, include_dashboard=cfg.runtime.dashboard,
+                       dashboard_host=cfg.runtime.dashboard_host, runtime_env={"env_vars": env}, log_to_driver=True)
+    if cfg.runtime.dashboard:  # where Ray bound it: another port than 8265 when that one is taken
+        log.info("Ray dashboard at http://%s", context.dashboard_url)
 
 
 def check_resources(cfg: Config) -> bool:
@@ -238,7 +239,7 @@ class RayTrainer(TrainingLoop):
         self.state_before_prefetch = None  # the scheduler's state before an overlapped draw (checkpoints)
         version = 0
         if resume is not None:
-            version = self._resume(Path(self.run_dir if resume == "auto" else resume))
+            version = self._resume(checkpoint_to_resume(self.run_dir, resume))  # verified before it loads
         self.sync.publish(version)
         self._get(self.rollout.actors[0].pid.remote())  # the slowest actors to start; log when they are up
         log.info("actors ready in %.1f s", time.perf_counter() - start)
