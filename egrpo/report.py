@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from egrpo.images import to_float_images  # noqa: E402
+from egrpo.images import to_float_images, to_uint8_images  # noqa: E402
 
 
 class MetricsLog:
@@ -87,6 +88,34 @@ def save_image_grid(rows: list[torch.Tensor], row_labels: list[str], captions: l
     plt.close(fig)
 
 
+START_IMAGES = "start_images.safetensors"  # in the run folder: the base model's row of samples.png
+
+
+def save_start_images(path: Path, images: torch.Tensor, prompts: list[str]) -> None:
+    """Keep the base model's held-out samples (the "start" row of samples.png) for the run's lifetime: a resumed
+    run has only its checkpoint's weights and could not draw them again. uint8, with the prompts they show (as
+    safetensors metadata); written to a temporary file and renamed."""
+    from safetensors.torch import save_file
+
+    images = images if images.dtype == torch.uint8 else to_uint8_images(images)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({"images": images.contiguous().cpu()}, str(tmp), {"prompts": json.dumps(prompts)})
+    os.replace(tmp, path)
+
+
+def load_start_images(path: Path, prompts: list[str]) -> torch.Tensor | None:
+    """The images `save_start_images` kept, or None when there are none (a run folder from before they were
+    kept) or they show other prompts (the held-out prompts changed since: they would caption wrongly)."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        return None
+    with safe_open(str(path), "pt") as f:
+        if json.loads((f.metadata() or {}).get("prompts", "null")) != prompts:
+            return None
+        return f.get_tensor("images")
+
+
 def _wrap(text: str, width: int = 16) -> str:
     words, lines, line = text.split(), [], ""
     for w in words:
@@ -106,17 +135,23 @@ def mean_or_nan(values: torch.Tensor) -> float:
 def plot_entropy_curves(
     entropy: dict[str, list[float]], reference: dict[str, list[float]], peaks: dict[str, list[int]], path: Path
 ) -> None:
-    """AEGPO's local signal: E(t) per prompt (solid), the base policy's E_ref(t) (dashed), chosen peaks (dots)."""
+    """AEGPO's local signal: E(t) per prompt (solid), the base policy's E_ref(t) (dashed, where it differs from
+    E: before training the policy is its base and the two coincide, which the title then says), chosen
+    exploration steps (dots)."""
     fig, ax = plt.subplots(figsize=(6, 4))
+    differs = False
     for k, prompt in enumerate(entropy):
         colour = f"C{k % 10}"
         curve = entropy[prompt]
-        ax.plot(range(len(curve)), curve, "-", color=colour, label=prompt[:40])
-        ax.plot(range(len(curve)), reference[prompt], "--", color=colour, alpha=0.5)
+        ax.plot(range(len(curve)), curve, "-", color=colour, label=textwrap.shorten(prompt, 40, placeholder="..."))
+        if reference[prompt] != curve:
+            differs = True
+            ax.plot(range(len(curve)), reference[prompt], "--", color=colour, alpha=0.5)
         ax.plot(peaks[prompt], [curve[t] for t in peaks[prompt]], "o", color=colour, markersize=8)
     ax.set_xlabel("denoising step t")
     ax.set_ylabel("attention entropy E(t) (normalised)")
-    ax.set_title("attention entropy along the anchor (dashed: base policy; dots: exploration steps)", fontsize=8)
+    base = "dashed: base policy" if differs else "the policy is its base policy: E_ref(t) = E(t)"
+    ax.set_title(f"attention entropy along the anchor ({base}; dots: exploration steps)", fontsize=8)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6)
     fig.tight_layout()

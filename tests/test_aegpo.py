@@ -1,6 +1,7 @@
 """AEGPO's two signals as the scheduler uses them: dE budgets (global) and entropy peaks (local)."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -167,11 +168,13 @@ def test_plan_command_shows_attention_entropy_peaks_and_budgets(tmp_path):
     import subprocess
     import sys
 
-    png = tmp_path / "curves.png"
+    png = tmp_path / "entropy_curves.png"  # a plan before training writes here (the current folder)...
+    recipe = Path("launch/configs/toy-aegpo.yaml").resolve()
     result = subprocess.run(
-        [sys.executable, "-m", "egrpo.cli", "plan", "launch/configs/toy-aegpo.yaml", "--json", "--png", str(png),
-         "--set", "plan.prompts_per_iteration=3"],
-        capture_output=True, text=True, timeout=300)
+        [sys.executable, "-m", "egrpo.cli", "plan", str(recipe), "--json", "--set", "plan.prompts_per_iteration=3",
+         "--set", f"run.dir={tmp_path / 'runs'}"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert not (tmp_path / "runs").exists()  # ...and creates no run folder, since nothing is trained
     assert result.returncode == 0, result.stderr[-2000:]
     info = json.loads(result.stdout)
     cfg = load_config("launch/configs/toy-aegpo.yaml")  # the tree reading
