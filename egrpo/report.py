@@ -48,9 +48,14 @@ class MetricsLog:
             self.wandb.finish()
 
 
-def plot_reward_curve(records: list[dict[str, Any]], path: Path, title: str) -> None:
-    """Train reward per iteration and held-out (eval) reward where evaluated."""
-    fig, ax = plt.subplots(figsize=(6, 4))
+def plot_reward_curve(records: list[dict[str, Any]], path: Path, title: str,
+                      weights: dict[str, float] | None = None) -> None:
+    """Left: train reward per iteration and held-out (eval) reward where evaluated, both the weighted sum.
+    Right, with `weights`: each reward component, held-out (solid) and train (faint), its weight in the label:
+    a component that falls while the sum rises is what reward hacking looks like."""
+    panels = 2 if weights else 1
+    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4), squeeze=False)
+    ax = axes[0][0]
     train = [(r["iteration"], r["reward/mean"]) for r in records if "reward/mean" in r]
     evals = [(r["iteration"], r["eval/reward_mean"]) for r in records if "eval/reward_mean" in r]
     if train:
@@ -62,9 +67,45 @@ def plot_reward_curve(records: list[dict[str, Any]], path: Path, title: str) -> 
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
+    if weights:
+        ax = axes[0][1]
+        for k, (name, weight) in enumerate(weights.items()):
+            colour = f"C{k % 10}"
+            held_out = [(r["iteration"], r[f"eval/{name}"]) for r in records if f"eval/{name}" in r]
+            trained = [(r["iteration"], r[f"reward/{name}"]) for r in records if f"reward/{name}" in r]
+            if held_out:
+                ax.plot(*zip(*held_out, strict=True), "o-", color=colour, label=f"{name} (weight {weight:g})")
+            if trained:
+                ax.plot(*zip(*trained, strict=True), color=colour, alpha=0.25)
+        ax.set_xlabel("iteration")
+        ax.set_ylabel("reward component (held-out: dots; train: faint)")
+        ax.set_title("reward components", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+FALL_FRACTION = 0.1  # a component counts as falling when it lost 10% of its first value's size (at least 0.01)
+
+
+def falling_components(records: list[dict[str, Any]], weights: dict[str, float]) -> list[str]:
+    """Warnings for held-out reward components that ended lower than they started, and for train components of
+    weight 0 that did: the optimised sum can rise while what it leaves out falls (reward hacking)."""
+    warnings = []
+    for name, weight in weights.items():
+        for prefix, where in (("eval", "held-out"), ("reward", "train")):
+            if prefix == "reward" and weight != 0:
+                continue  # a trained component may trade off against another; its held-out value is checked
+            values = [r[f"{prefix}/{name}"] for r in records if f"{prefix}/{name}" in r]
+            if len(values) < 2:
+                continue
+            first, last = values[0], values[-1]
+            if first - last > max(0.01, FALL_FRACTION * abs(first)):
+                warnings.append(f"the {where} reward {name} (weight {weight:g}) fell from {first:.3f} to {last:.3f} "
+                                "while training: check the samples for reward hacking")
+    return warnings
 
 
 def save_image_grid(rows: list[torch.Tensor], row_labels: list[str], captions: list[str], path: Path) -> None:

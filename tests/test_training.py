@@ -125,3 +125,20 @@ def test_eval_command_reproduces_the_runs_own_start_and_end_evaluations(tmp_path
     assert (out / "eval_grid.png").stat().st_size > 0 and "| toy_colour |" in (out / "eval.md").read_text()
     assert not (tmp_path / "toy-egrpo-eval" / "metrics.jsonl").read_text()  # the training run's log is untouched
     assert len(outputs.metrics.read_text().splitlines()) == 3
+
+
+def test_falling_reward_components_are_plotted_and_named(tmp_path):
+    """A held-out component that falls, or a weight-0 one, is what reward hacking looks like: named in a
+    warning; a trained component that falls in training but not held-out is not."""
+    from egrpo.report import falling_components, plot_reward_curve
+
+    records = [{"iteration": 0, "eval/reward_mean": 1.0, "eval/a": 0.5, "eval/b": 0.22, "reward/b": 0.3},
+               {"iteration": 5, "reward/mean": 1.2, "reward/a": 0.4, "reward/b": 0.2},
+               {"iteration": 10, "eval/reward_mean": 1.3, "eval/a": 0.52, "eval/b": 0.14, "reward/b": 0.1}]
+    weights = {"a": 1.0, "b": 0.0}
+    warnings = falling_components(records, weights)
+    assert len(warnings) == 2 and all("b (weight 0)" in w for w in warnings)
+    assert "0.220 to 0.140" in warnings[0]
+    assert falling_components(records, {"a": 1.0}) == []
+    plot_reward_curve(records, tmp_path / "curve.png", "t", weights)
+    assert (tmp_path / "curve.png").stat().st_size > 0
