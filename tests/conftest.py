@@ -17,3 +17,23 @@ for key, value in {
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+
+class FileHeadings:
+    """Names each test file as the suite enters it, with the time: a quiet run is otherwise minutes of dots."""
+
+    def __init__(self, config) -> None:
+        self.config = config
+        self.current = ""
+
+    def pytest_runtest_logstart(self, nodeid: str, location: tuple) -> None:
+        import time
+
+        path = nodeid.split("::")[0]
+        reporter = self.config.pluginmanager.get_plugin("terminalreporter")
+        if path != self.current and reporter is not None:
+            self.current = path
+            reporter.write_line(f"\n{time.strftime('%H:%M:%S')} {path}")
+
+
+def pytest_configure(config) -> None:
+    config.pluginmanager.register(FileHeadings(config), "egrpo-file-headings")
