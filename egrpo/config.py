@@ -254,6 +254,11 @@ class Config:
         return self.egrpo.active_steps or self.sampler.steps // 2
 
     @property
+    def tree_plan(self) -> bool:
+        """Whether the plan is a tree per prompt (egrpo.sampling.plans.tree_plan): branch, and AEGPO's tree reading."""
+        return self.plan.method == "branch" or (self.plan.method == "aegpo" and self.aegpo.rollout == "tree")
+
+    @property
     def aegpo_peak_steps(self) -> int:
         return self.aegpo.peak_steps or max(1, self.sampler.steps // 2)
 
@@ -420,7 +425,7 @@ def validate(cfg: Config) -> None:
         _require(0 <= a.peak_steps <= s.steps, "aegpo.peak_steps", f"must be in [0, sampler.steps={s.steps}]")
         _require(a.probe_rows >= 1 and a.probe_chunk >= 1, "aegpo.probe_rows", "probe_rows and probe_chunk must be >= 1")
     tr = cfg.tree
-    if p.method == "branch" or (p.method == "aegpo" and a.rollout == "tree"):
+    if cfg.tree_plan:
         _require(tr.factor >= 2, "tree.factor", f"must be >= 2, got {tr.factor}")
         _require(all(0 <= n < s.steps for n in tr.split_points), "tree.split_points",
                  f"split steps must be in [0, sampler.steps={s.steps}), got {list(tr.split_points)}")
@@ -457,7 +462,6 @@ def validate(cfg: Config) -> None:
     for key in ("rollout_cpus", "reward_cpus", "learner_cpus", "rollout_gpus", "reward_gpus", "learner_gpus"):
         _require(getattr(r, key) >= 0, f"runtime.{key}", "must be >= 0")
     _require(0 <= r.zero_stage <= 3, "runtime.zero_stage", "must be 0, 1, 2 or 3")
-    _require(t.batch_size >= r.learners, "train.batch_size", "must be >= runtime.learners (each rank needs rows)")
     if r.bf16:
         _require(cfg.model.dtype == "bfloat16", "runtime.bf16", f"needs model.dtype=bfloat16, got {cfg.model.dtype}")
         _require(cfg.model.finetune == "lora" or r.zero_stage >= 1, "runtime.zero_stage",

@@ -12,7 +12,7 @@ from typing import Literal
 
 import torch
 
-from egrpo.algo.loss import distinct_inputs, grpo_loss, step_mean_and_std
+from egrpo.algo.loss import grpo_loss, input_groups, loss_weights, step_mean_and_std
 from egrpo.batch import Batch
 from egrpo.config import TrainConfig
 from egrpo.sampling.steps import gaussian_logprob
@@ -20,15 +20,12 @@ from egrpo.sampling.steps import gaussian_logprob
 
 def make_minibatches(steps: Batch, batch_size: int, seed: int, min_size: int = 1) -> list[Batch]:
     """A seeded shuffle of the trained steps cut into minibatches of `batch_size`; a last one smaller than
-    `min_size` (e.g. the number of data-parallel ranks, each of which needs a row) joins the one before.
+    `min_size` joins the one before: with fewer rows than data-parallel ranks, a step would be mostly padding.
 
     Steps that leave the same state (the rollout's `input`: one E-GRPO group's branches, a tree node's
     children) are shuffled as one unit and kept next to each other, so that they can share one forward
     (`step_mean_and_std`); a minibatch then holds `batch_size` rows or more, up to the end of its last unit."""
-    units: dict[int, list[int]] = {}
-    for row, state in enumerate(steps["input"] if "input" in steps.meta else range(len(steps))):
-        units.setdefault(state, []).append(row)
-    rows_of_unit = list(units.values())
+    rows_of_unit = input_groups(steps)
     order = torch.randperm(len(rows_of_unit), generator=torch.Generator().manual_seed(seed)).tolist()
     cuts: list[list[int]] = [[]]
     for unit in order:
@@ -38,15 +35,6 @@ def make_minibatches(steps: Batch, batch_size: int, seed: int, min_size: int = 1
     if len(cuts) > 1 and len(cuts[-1]) < min_size:
         cuts[-2].extend(cuts.pop())
     return [steps.select(rows) for rows in cuts]
-
-
-def loss_weights(minibatch: Batch) -> torch.Tensor:
-    """Each row's weight w_i in the minibatch loss sum_i w_i l_i (egrpo.algo.loss): the `loss_weight` column that
-    the data-parallel slicing writes (`egrpo.runtime.learner.slice_for_ranks`: world_size / real rows, 0 for
-    padding), else 1 / rows, the plain mean."""
-    if "loss_weight" in minibatch.tensors:
-        return minibatch["loss_weight"]
-    return torch.full((len(minibatch),), 1 / len(minibatch))
 
 
 class GRPOLearner:
@@ -60,8 +48,9 @@ class GRPOLearner:
 
     def transition(self, steps: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """`step_mean_and_std`, counting its forwards."""
-        self.forwards += distinct_inputs(steps)
-        return step_mean_and_std(self.policy, steps)
+        mean, std, forwards = step_mean_and_std(self.policy, steps)
+        self.forwards += forwards
+        return mean, std
 
     def backward(self, loss: torch.Tensor, last_micro_batch: bool) -> None:
         """Accumulate the gradients of one micro-batch's (already weighted) loss."""
@@ -146,4 +135,7 @@ class GRPOLearner:
         metrics["train/first_ratio_max_dev"] = first_ratio_dev
         metrics["train/rollout_logp_mismatch"] = rollout_mismatch
         metrics["nfe/train"] = self.forwards
+        # rows of weight 0 that equalise the data-parallel ranks' slices (runtime.learner.slice_for_ranks)
+        metrics["train/padding_rows"] = sum(int((mb["loss_weight"] == 0).sum()) for mb in minibatches
+                                            if "loss_weight" in mb.tensors)
         return metrics

@@ -108,7 +108,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from egrpo.methods import branch_split_points, is_tree, plan_method, tree_splits
+from egrpo.methods import branch_split_points, plan_method, tree_splits
 
 if TYPE_CHECKING:
     from egrpo.config import Config
@@ -534,7 +534,7 @@ def workload(cfg: Config) -> Workload:
         "grpo": (p.group_size, max(1, round(cfg.grpo.train_fraction * steps)), p.group_size),
         "mix": (p.group_size, cfg.mix.window, p.group_size),
         "egrpo": (p.group_size * cfg.egrpo_active_steps, 1, p.group_size),
-        "aegpo": ((aegpo_tree_leaves, tree_edges, cfg.tree.factor) if is_tree(cfg)
+        "aegpo": ((aegpo_tree_leaves, tree_edges, cfg.tree.factor) if cfg.tree_plan
                   else (cfg.aegpo.g_max, cfg.aegpo.peaks, cfg.aegpo.g_max)),
         "branch": (branch_leaves, tree_edges, cfg.tree.factor),
     }[p.method]

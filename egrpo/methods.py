@@ -2,8 +2,8 @@
 from the config. This is where config keys turn into the plain arguments of `egrpo.sampling.plans`.
 
 A method that `needs_probes` (AEGPO) gets the attention-entropy probes of the iteration's prompts first: the
-scheduler turns them into each prompt's rollout budget and exploration steps (`EntropyGuidance`). A method
-whose plan is a tree (`is_tree`) gets advantages per tree node instead of per sample
+scheduler turns them into each prompt's rollout budget and exploration steps (`EntropyGuidance`). A plan that
+is a tree (`Config.tree_plan`) gets advantages per tree node instead of per sample
 (egrpo.algo.advantages.tree_advantages).
 """
 
@@ -73,10 +73,6 @@ def aegpo_merge_lengths(cfg: Config) -> list[int]:
         return [1] * cfg.sampler.steps
     sigmas = schedule_sigmas(cfg)
     return P.merge_lengths(sigmas, noise_spec(cfg), cfg.egrpo.tau, cfg.sampler.steps)
-
-
-def is_tree(cfg: Config) -> bool:
-    return cfg.plan.method == "branch" or (cfg.plan.method == "aegpo" and cfg.aegpo.rollout == "tree")
 
 
 def tree_splits(cfg: Config, group_size: int) -> int:

@@ -17,7 +17,7 @@ import torch
 from egrpo.algo.budgets import allocate_rollouts, relative_entropy_change
 from egrpo.config import Config
 from egrpo.data.prompts import PromptSampler, load_prompts
-from egrpo.methods import EntropyGuidance, build_plan, is_tree, plan_method, tree_splits
+from egrpo.methods import EntropyGuidance, build_plan, plan_method, tree_splits
 from egrpo.sampling.plans import SamplePlan, entropy_peaks, prompt_seed, split_steps
 from egrpo.sampling.rollout import ProbeRequest, ProbeResult
 
@@ -123,8 +123,8 @@ class Scheduler:
         delta = relative_entropy_change(probes.entropy, reference)
         sizes = allocate_rollouts(delta.tolist(), p.prompts_per_iteration * p.group_size, a.budget,
                                   a.g_min, a.g_max, a.g_high, a.g_low, a.alpha)
-        curves = [row[: self.cfg.aegpo_peak_steps].tolist() for row in probes.entropy]
-        if is_tree(self.cfg):
+        curves = [row.tolist() for row in probes.entropy]  # the probe ran the peak-seeking steps only
+        if self.cfg.tree_plan:
             steps = [split_steps(curve, tree_splits(self.cfg, size)) for curve, size in zip(curves, sizes, strict=True)]
             sizes = [self.cfg.tree.factor ** len(points) for points in steps]
         else:

@@ -6,6 +6,7 @@ import math
 import struct
 from pathlib import Path
 
+from egrpo.algo.budgets import at_or_above_median
 from egrpo.bench import probe
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -22,7 +23,7 @@ def test_statistics():
     assert math.isclose(probe.spearman([1, 2, 3, 4], [10, 20, 30, 45]), 1.0)
     assert math.isclose(probe.spearman([1, 2, 3, 4], [4, 3, 2, 1]), -1.0)
     assert probe.spearman([1, 2, 3], [5, 5, 5]) is None
-    assert probe.median_split([1.0, 2.0, 3.0, 4.0]) == [False, False, True, True]
+    assert at_or_above_median([1.0, 2.0, 3.0, 4.0]) == [False, False, True, True]
     assert probe.split_agreement([1, 2, 3, 4], [1, 3, 2, 4]) == 0.5
     assert probe.split_agreement([1, 2, 3, 4], [2, 1, 4, 3], batch=2) == 0.0
     assert probe.jaccard([1, 2], [2, 3]) == 1 / 3 and probe.jaccard([], []) == 1.0

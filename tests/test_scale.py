@@ -50,7 +50,7 @@ def _record(**changes) -> dict:
     """A metrics.jsonl record of a trained iteration that passes every check."""
     record = {"train/steps": 9, "samples/received": 9, "samples/requested": 9, "sync/max_checksum_error": 0.0,
               "train/rollout_logp_mismatch": 0.0, "train/first_ratio_max_dev": 0.0, "train/loss": 0.1,
-              "train/grad_norm": 0.5}
+              "train/grad_norm": 0.5, "train/padding_rows": 1}
     return {**record, **changes}
 
 
@@ -66,14 +66,13 @@ def test_each_check_fails_when_its_condition_breaks(tmp_path):
         "rollout_logp_mismatch": ([_record(), _record(**{"train/rollout_logp_mismatch": 1e-3})], None),
         "first_ratio": ([_record(), _record(**{"train/first_ratio_max_dev": 1e-7})], None),
         "finite_update": ([_record(), _record(**{"train/loss": None})], None),  # NaN, as _json_record writes it
-        "uneven_minibatches": ([_record(**{"train/steps": 8}), _record(**{"train/steps": 8})], None),  # one of 8
+        "uneven_minibatches": ([_record(**{"train/padding_rows": 0})] * 2, None),  # the ranks' slices were even
     }
     for name, (records, error) in broken.items():
         assert not scale.run_checks(cfg, records, memory, error)[name]["ok"], name
     assert not scale.run_checks(cfg, good, memory, "learner step did not finish")["finished"]["ok"]
     over = {"learner": {**memory["learner"], "measured_mib": 201.0}}
     assert not scale.run_checks(cfg, good, over, None)["memory_learner"]["ok"]
-    assert scale.minibatch_rows(9, cfg) == [9]  # the quick rehearsal: 3 prompts x 3 branches, one minibatch
 
 
 def test_quick_rehearsal_passes_every_check(tmp_path, capsys):

@@ -167,7 +167,8 @@ def test_shared_forward_equals_one_forward_per_row_gradients_included(tmp_path):
 
     def loss_and_grads(batch):
         policy.transformer.zero_grad(set_to_none=True)
-        mean, std = step_mean_and_std(policy, batch)
+        mean, _, forwards = step_mean_and_std(policy, batch)
+        assert forwards == len(set(batch.meta.get("input", range(len(batch)))))
         loss = ((mean - batch["x_out"]) ** 2).flatten(1).mean(1) @ torch.linspace(-1, 1, len(batch))
         loss.backward()
         return mean.detach(), [p.grad.clone() for p in policy.trainable_parameters() if p.grad is not None]

@@ -54,10 +54,8 @@ def group_advantages(
     clip: float = 5.0,
     ddof: int = 0,
 ) -> Advantages:
-    """Per sample: its rewards normalised within its group."""
-    stacked, finite = _stack(rewards, weights)
-    return _normalised(stacked, finite, torch.as_tensor(groups), weights, combine, clip, ddof,
-                       int((~finite).sum()))
+    """Per sample: its rewards normalised within its group (a tree of single-leaf nodes)."""
+    return tree_advantages(rewards, [[i] for i in range(len(groups))], groups, weights, combine, clip, ddof)
 
 
 def tree_advantages(
@@ -72,38 +70,24 @@ def tree_advantages(
     """Per trained edge of a rollout tree (BranchGRPO's rule, ../shared/research/branchgrpo.md 2.2-2.3): the
     value of the node an edge leads to is the mean reward of its leaves (the samples below it, `leaves[e]`),
     and node values are normalised within `groups[e]`, one tree's nodes at one depth. A leaf with a NaN reward
-    is left out of every mean (and counted in `dropped_nan`); a node left with no leaves is not trained. An edge
-    with one leaf is a plain sample, so `group_advantages` is the case of one edge per sample."""
-    stacked, finite = _stack(rewards, weights)
+    is left out of every mean (and counted in `dropped_nan`); a node left with no leaves is not trained, nor
+    one without another node in its group to be compared with. One leaf per edge is `group_advantages`."""
+    missing = [name for name in weights if name not in rewards]
+    if missing:
+        raise KeyError(f"rewards {missing} are weighted in the config but no reward model returned them")
+    stacked = torch.stack([rewards[name].float() for name in weights])  # (R, samples)
+    finite = torch.isfinite(stacked).all(0)
+    stacked = torch.where(finite, stacked, torch.zeros_like(stacked))
     membership = torch.zeros(len(leaves), stacked.shape[1])
     for e, below in enumerate(leaves):
         membership[e, below] = 1.0
     membership *= finite.float()
     counts = membership.sum(1)
-    node_values = stacked @ membership.T / counts.clamp(min=1)  # (R, edges)
-    return _normalised(node_values, counts > 0, torch.as_tensor(groups), weights, combine, clip, ddof,
-                       int((~finite).sum()))
-
-
-def _stack(rewards: dict[str, torch.Tensor], weights: dict[str, float]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(R, B) weighted rewards with NaN rows zeroed, and the (B,) mask of samples whose rewards are all finite."""
-    missing = [name for name in weights if name not in rewards]
-    if missing:
-        raise KeyError(f"rewards {missing} are weighted in the config but no reward model returned them")
-    stacked = torch.stack([rewards[name].float() for name in weights])
-    finite = torch.isfinite(stacked).all(0)
-    return torch.where(finite, stacked, torch.zeros_like(stacked)), finite
-
-
-def _normalised(
-    values: torch.Tensor, present: torch.Tensor, groups: torch.Tensor, weights: dict[str, float],
-    combine: str, clip: float, ddof: int, dropped_nan: int,
-) -> Advantages:
-    """Advantages of (R, N) reward values of N rows (samples or tree nodes) within their groups; a row is
-    valid when it is `present` and its group has another present row to be compared with."""
-    valid = present.clone()
+    values = stacked @ membership.T / counts.clamp(min=1)  # (R, edges): node values
+    groups = torch.as_tensor(groups)
+    valid = counts > 0
     for g in groups.unique():  # a lone survivor has nothing to be compared with
-        members = (groups == g) & present
+        members = (groups == g) & valid
         if members.sum() < 2:
             valid[members] = False
     w = torch.tensor(list(weights.values()), dtype=torch.float32)
@@ -112,4 +96,4 @@ def _normalised(
     else:
         out = normalise_in_groups((w[:, None] * values).sum(0), groups, valid, ddof)
     out = torch.where(valid, out.clamp(-clip, clip), torch.zeros_like(out))
-    return Advantages(out, valid, dropped_nan)
+    return Advantages(out, valid, int((~finite).sum()))

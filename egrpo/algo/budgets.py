@@ -19,6 +19,7 @@ within the bounds, so the sum stays exactly B. Equal dE gives equal weights, hen
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Sequence
 from typing import Literal
 
@@ -63,6 +64,12 @@ def apportion(weights: Sequence[float], total: int, floor: int, ceiling: int) ->
     return counts
 
 
+def at_or_above_median(values: list[float]) -> list[bool]:
+    """`median_split`'s halves: which values are at or above the median (the mean of the middle two for an
+    even count)."""
+    return [v >= statistics.median(values) for v in values]
+
+
 def allocate_rollouts(
     delta_entropy: Sequence[float],
     total: int,
@@ -78,9 +85,7 @@ def allocate_rollouts(
     if policy == "uniform":
         weights = [1.0] * len(values)
     elif policy == "median_split":
-        ordered, mid = sorted(values), len(values) // 2
-        median = ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
-        weights = [float(g_high if d >= median else g_low) for d in values]
+        weights = [float(g_high if high else g_low) for high in at_or_above_median(values)]
     elif policy == "proportional":
         weights = [max(d, 0.0) ** alpha for d in values]
     else:

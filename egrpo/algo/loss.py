@@ -8,7 +8,7 @@ Flow-GRPO's beta only means the same with this form).
 
 The mean over a minibatch is written as a weighted sum, L = sum_i w_i l_i, so that the rows of one minibatch may
 be spread over micro-batches and data-parallel ranks (and padded with rows of weight 0) and still add up to the
-exact mean over its real rows (`egrpo.learner.loss_weights`).
+exact mean over its real rows (`loss_weights`).
 """
 
 from __future__ import annotations
@@ -22,36 +22,44 @@ from egrpo.sampling.rollout import VelocityModel
 from egrpo.sampling.steps import gaussian_logprob, per_sample, sde_mean, sde_std
 
 
-def _input_index(steps: Batch) -> tuple[list[int], torch.Tensor]:
-    """The first row of each distinct input state (`input`, from the rollout) and each row's index into them;
-    rows without that column are all distinct."""
+def loss_weights(minibatch: Batch) -> torch.Tensor:
+    """Each row's weight w_i in the loss sum_i w_i l_i: the `loss_weight` column that the data-parallel slicing
+    writes (`egrpo.runtime.learner.slice_for_ranks`: world_size / real rows, 0 for padding), else 1 / rows,
+    the plain mean."""
+    if "loss_weight" in minibatch.tensors:
+        return minibatch["loss_weight"]
+    return torch.full((len(minibatch),), 1 / len(minibatch))
+
+
+def input_groups(steps: Batch) -> list[list[int]]:
+    """The rows of each distinct input state (the rollout's `input` column), in order of first appearance;
+    without that column every row is its own."""
     if "input" not in steps.meta:
-        return list(range(len(steps))), torch.arange(len(steps))
-    first: dict[int, int] = {}
+        return [[row] for row in range(len(steps))]
+    groups: dict[int, list[int]] = {}
     for row, state in enumerate(steps["input"]):
-        first.setdefault(state, row)
-    position = {state: k for k, state in enumerate(first)}
-    return list(first.values()), torch.tensor([position[state] for state in steps["input"]])
+        groups.setdefault(state, []).append(row)
+    return list(groups.values())
 
 
-def distinct_inputs(steps: Batch) -> int:
-    """Transformer forwards `step_mean_and_std` makes for these rows."""
-    return len(_input_index(steps)[0])
-
-
-def step_mean_and_std(policy: VelocityModel, steps: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """The policy's SDE transition mean for each trained step (with grad), and its std.
+def step_mean_and_std(policy: VelocityModel, steps: Batch) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The policy's SDE transition mean for each trained step (with grad), its std, and the transformer
+    forwards that took.
 
     Rows that leave the same state (one E-GRPO group's G branches; a tree node's children) have the same
     velocity: it is computed once per distinct state and shared (VisualGRPO's trainer does the same), which
     equals the per-row computation up to float rounding, gradients included."""
     device = policy.device
-    firsts, index = _input_index(steps)
+    groups = input_groups(steps)
+    firsts = [rows[0] for rows in groups]
+    index = torch.empty(len(steps), dtype=torch.long)
+    for k, rows in enumerate(groups):
+        index[rows] = k
     x_in, sigma = steps["x_in"].to(device), steps["sigma"].to(device)
     sigma_next, g = steps["sigma_next"].to(device), steps["g"].to(device)
     prompts = [steps["prompt"][row] for row in firsts]
     v = policy.velocity(x_in[firsts], sigma[firsts], policy.encode_prompts(prompts))[index.to(device)]
-    return sde_mean(x_in, v, sigma, sigma_next, g), sde_std(g, sigma, sigma_next)
+    return sde_mean(x_in, v, sigma, sigma_next, g), sde_std(g, sigma, sigma_next), len(groups)
 
 
 def grpo_loss(
@@ -73,9 +81,7 @@ def grpo_loss(
     mean; rows of weight 0 (padding) add nothing, and `ratio_max_dev` is taken over the rows that count."""
     x_out = steps["x_out"].to(mean.device)
     advantages = steps["advantage"].to(mean.device)
-    if weights is None:
-        weights = torch.full((len(steps),), 1 / len(steps))
-    weights = weights.to(mean.device, torch.float32)
+    weights = (loss_weights(steps) if weights is None else weights).to(mean.device, torch.float32)
     logp = gaussian_logprob(x_out, mean, std, reduction)
     ratio = torch.exp(logp - logp_old.to(logp.device))
     unclipped = -advantages * ratio

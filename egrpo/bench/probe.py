@@ -14,7 +14,7 @@ trained with a larger learning rate so that it moves in few iterations).
 
 Measured, for a fixed set of training prompts (one fixed initial-noise seed each):
 
-- Curves. Our own Euler ODE anchor loop (x <- x + (sigma' - sigma) v on `sigma_schedule`), once under the
+- Curves. Our own Euler ODE anchor loop (x <- x + (sigma' - sigma) v on the run's schedule), once under the
   policy and once under the reference, all prompts in one batch, with one `AttentionEntropyProbe` installed
   per distinct candidate setting at once: the probes see the same forwards, so every setting's E(t) is that
   setting's measurement of the same trajectories (a probe never changes the transformer's output).
@@ -62,6 +62,7 @@ from typing import Any
 
 import torch
 
+from egrpo.algo.budgets import at_or_above_median, relative_entropy_change
 from egrpo.bench.common import describe_machine, figure, machine, recipe, save_figure, table, write_summary
 from egrpo.entropy.attention import AttentionEntropyProbe, ProbeSettings, probed_attentions
 
@@ -160,18 +161,13 @@ def spearman(a: Sequence[float], b: Sequence[float]) -> float | None:
     return cov / var if var > 0 else None
 
 
-def median_split(values: Sequence[float]) -> list[bool]:
-    """Which values are at or above the median, the median as egrpo.algo.budgets' median_split takes it."""
-    return [v >= statistics.median(values) for v in values]
-
-
 def split_agreement(a: Sequence[float], b: Sequence[float], batch: int | None = None) -> float:
     """Fraction of prompts on the same side of the median split under a and b: over all prompts, or with
     the split taken within consecutive batches of `batch` prompts (a last partial batch included)."""
     batch = batch or len(a)
     same = 0
     for start in range(0, len(a), batch):
-        sa, sb = median_split(a[start : start + batch]), median_split(b[start : start + batch])
+        sa, sb = at_or_above_median(a[start : start + batch]), at_or_above_median(b[start : start + batch])
         same += sum(x == y for x, y in zip(sa, sb, strict=True))
     return same / len(a)
 
@@ -179,11 +175,6 @@ def split_agreement(a: Sequence[float], b: Sequence[float], batch: int | None = 
 def jaccard(a: Sequence[int], b: Sequence[int]) -> float:
     sa, sb = set(a), set(b)
     return len(sa & sb) / len(sa | sb) if sa | sb else 1.0
-
-
-def relative_change(entropy: torch.Tensor, reference: torch.Tensor) -> list[float]:
-    """dE per prompt over the curves' steps (ALGORITHMS.md section 3): mean_t |E - E_ref| / E_ref."""
-    return ((entropy - reference).abs() / reference.clamp_min(1e-12)).mean(dim=-1).tolist()
 
 
 # ------------------------------------------------------------------------------------------------ the models
@@ -315,15 +306,15 @@ def measure_model(label: str, trainer: Any, training: dict[str, Any], settings: 
     """Every candidate's accuracy on one trained policy, and the cost of the one-axis and the passing ones
     (module docstring)."""
     from egrpo.data.prompts import load_prompts
+    from egrpo.methods import schedule_sigmas
     from egrpo.sampling.plans import entropy_peaks
-    from egrpo.sampling.steps import sigma_schedule
 
     cfg, policy = trainer.cfg, trainer.policy
     attentions = probed_attentions(policy.active_transformer)
     blocks, heads = len(attentions), attentions[0].heads
     image_tokens = policy.latent_shape[0]
     steps, peak_steps, top_k = cfg.sampler.steps, cfg.aegpo_peak_steps, cfg.aegpo.peaks
-    sigmas = sigma_schedule(steps, cfg.sampler.shift)
+    sigmas = schedule_sigmas(cfg)
     prompts = pick_prompts(load_prompts(cfg.data.prompts), settings.prompts)
     seeds = [SEED_BASE + j for j in range(len(prompts))]
 
@@ -337,13 +328,13 @@ def measure_model(label: str, trainer: Any, training: dict[str, Any], settings: 
     curve_seconds = time.perf_counter() - start
 
     full = probe_of[FULL_PROBE]
-    full_dE = relative_change(theta[full], ref[full])
+    full_dE = relative_entropy_change(theta[full], ref[full]).tolist()
     full_peaks = [entropy_peaks(row[:peak_steps].tolist(), top_k) for row in theta[full]]
     results = []
     for c in CANDIDATES:
         s = probe_of[c]
         n = steps if c.steps == "T" else max(1, steps // 2)
-        dE = relative_change(theta[s][:, :n], ref[s][:, :n])
+        dE = relative_entropy_change(theta[s][:, :n], ref[s][:, :n]).tolist()
         peaks = [entropy_peaks(row[:peak_steps].tolist(), top_k) for row in theta[s]]
         rho = spearman(dE, full_dE)
         split = split_agreement(dE, full_dE)

@@ -416,7 +416,8 @@ class RayTrainer(TrainingLoop):
         metrics = {k: sum(m[k] for m in per_rank) / len(per_rank) for k in per_rank[0]}
         for key in ("train/ratio_max_dev", "train/first_ratio_max_dev", "train/rollout_logp_mismatch"):
             metrics[key] = max(m[key] for m in per_rank)  # maxima, not means
-        metrics["nfe/train"] = sum(m["nfe/train"] for m in per_rank)  # forwards of all ranks
+        for key in ("nfe/train", "train/padding_rows"):  # totals over the ranks
+            metrics[key] = sum(m[key] for m in per_rank)
         return metrics
 
     def iteration(self, iteration: int) -> dict[str, Any]:

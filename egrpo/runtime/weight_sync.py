@@ -164,7 +164,10 @@ class ObjectStoreSync:
         collective, so every rank is asked and rank 0's answer kept; the driver never fetches it)."""
         refs = [a.publish_weights.remote() for a in self.learners]
         self._get(refs[1:], "weight publish")  # the other ranks return None once the gather is done
-        ray.wait(refs[:1], timeout=self.timeout_s)  # ready, not fetched
+        ready, _ = ray.wait(refs[:1], timeout=self.timeout_s)  # ready, not fetched
+        if not ready:  # a reference that never resolves would only hang the next rollouts
+            raise TimeoutError(f"learner rank 0 did not publish weights version {version} within "
+                               f"runtime.timeout_s = {self.timeout_s:g} s")
         self.weights, self.version = refs[0], version
 
     def call_args(self) -> tuple[list, int]:

@@ -20,9 +20,9 @@ from egrpo.images import to_uint8_images
 from egrpo.sampling.plans import SamplePlan
 from egrpo.sampling.steps import (
     NoiseSpec,
+    gaussian_logprob,
     ode_step,
     per_sample,
-    sde_logprob,
     sde_mean,
     sde_std,
     x0_from_velocity,
@@ -166,22 +166,24 @@ def run_plan(
         xi = torch.stack([torch.randn(policy.latent_shape, generator=torch.Generator().manual_seed(step.noise_seed))
                           if step.sde else torch.zeros(policy.latent_shape) for _, step in edges])
         mean = sde_mean(x_in, v_in, sigma, sigma_next, g)  # g = 0 (ODE rows) gives the Euler step exactly
-        x_out = mean + per_sample(sde_std(g, sigma, sigma_next), x_in) * xi.to(x_in)
+        std = sde_std(g, sigma, sigma_next)
+        x_out = mean + per_sample(std, x_in) * xi.to(x_in)
 
         edge_of_row = {k: edges.index((state[k], s)) for k, s in zip(rows, steps, strict=True)}
         trained = [e for e, (_, step) in enumerate(edges) if step.train]
         if trained:
-            logp = sde_logprob(x_in[trained], v_in[trained], x_out[trained], sigma, sigma_next[trained],
-                               g[trained], settings.reduction)
+            logp = gaussian_logprob(x_out[trained], mean[trained], std[trained], settings.reduction)
             for n, e in enumerate(trained):
                 leaves = [k for k in rows if edge_of_row[k] == e]
                 recorded.append({"sample": leaves[0], "leaves": leaves, "input": edges[e][0], "x_in": x_in[e],
                                  "x_out": x_out[e], "sigma": sigma, "sigma_next": float(sigma_next[e]),
                                  "g": float(g[e]), "logp_old": logp[n], "depth": i + edges[e][1].length})
-        x0 = x0_from_velocity(x[[first_row[s] for s in inputs]], v, sigma)
+        if settings.decode_from == "x0_hat":
+            x0 = x0_from_velocity(x[[first_row[s] for s in inputs]], v, sigma)
+            for k in rows:
+                x0_last[k] = x0[inputs.index(state[k])]
         for k, s in zip(rows, steps, strict=True):
             x[k] = x_out[edge_of_row[k]]
-            x0_last[k] = x0[inputs.index(state[k])]
             state[k] = states.setdefault((state[k], s), len(states))
             position[k] = i + s.length
             next_step[k] += 1

@@ -116,7 +116,7 @@ def sde_logprob(
     g: Scalar,
     reduction: Literal["mean", "sum"] = "mean",
 ) -> torch.Tensor:
-    """log p(x_next | x) of one (possibly merged) SDE step under velocity v; std = g sqrt(|sigma' - sigma|).
-
-    The rollout uses it for the old log-prob and the learner for the new one, so both compute the same thing."""
+    """log p(x_next | x) of one (possibly merged) SDE step under velocity v; std = g sqrt(|sigma' - sigma|): the
+    transition's log-prob from its parts. The rollout and the learner hold the mean and std already and call
+    `gaussian_logprob` on them; tests check their stored log-probs against this."""
     return gaussian_logprob(x_next, sde_mean(x, v, sigma, sigma_next, g), sde_std(g, sigma, sigma_next), reduction)
