@@ -33,14 +33,16 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from transformers.utils import logging as transformers_logging
 
+from egrpo.models.folder import SUPPORTED_PIPELINES, Family, check_pipeline_folder
 from egrpo.models.tiny import EGRPO_SETTINGS_FILE
 
-Family = Literal["flux", "sd3"]
 FinetuneMode = Literal["lora", "full"]
 
+# model_index.json's _class_name -> (family, pipeline class); the names live in egrpo.models.folder, which the
+# CLI's pre-flight check reads without importing diffusers.
+_CLASSES: dict[Family, type] = {"flux": FluxPipeline, "sd3": StableDiffusion3Pipeline}
 _PIPELINES: dict[str, tuple[Family, type]] = {
-    "FluxPipeline": ("flux", FluxPipeline),
-    "StableDiffusion3Pipeline": ("sd3", StableDiffusion3Pipeline),
+    name: (family, _CLASSES[family]) for name, family in SUPPORTED_PIPELINES.items()
 }
 
 # The attention projections of both FLUX's and SD3's joint blocks (image and text streams). FLUX's single
@@ -158,14 +160,7 @@ class FlowPolicy:
         the only way its `from_pretrained` accepts such a folder.
         """
         path = Path(path)
-        index_file = path / "model_index.json"
-        if not index_file.is_file():
-            raise FileNotFoundError(f"no diffusers pipeline at {path}: {index_file} does not exist")
-        index = json.loads(index_file.read_text())
-        if index.get("_class_name") not in _PIPELINES:
-            raise ValueError(
-                f"{path} holds a {index.get('_class_name')}; egrpo supports {sorted(_PIPELINES)}"
-            )
+        index = check_pipeline_folder(path)  # the CLI's pre-flight check: one line naming a missing file
         family, pipeline_class = _PIPELINES[index["_class_name"]]
         null_components = {name: None for name, spec in index.items() if spec == [None, None]}
         diffusers_logging.disable_progress_bar()  # egrpo shows its own progress; N actors x 6 bars is noise
@@ -436,7 +431,8 @@ class FlowPolicy:
 
     def trainable_tensors(self) -> dict[str, torch.Tensor]:
         """The trained weights themselves, detached but sharing storage (writing into them writes the model):
-        the LoRA adapter (peft's keys) or the whole transformer. The full-weight broadcast fills these."""
+        the LoRA adapter (peft's keys) or the whole transformer's state (buffers included): what object-store
+        sync sends and checkpoints hold. The full-weight broadcast sends `named_trainable_parameters` instead."""
         if self.finetune_mode == "lora":
             return get_peft_model_state_dict(self.transformer)
         if self.finetune_mode == "full":

@@ -16,6 +16,8 @@ Score: the predicted rating on the AVA 1-10 scale; most images land in 4-7, gene
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -24,11 +26,20 @@ from transformers import CLIPConfig, CLIPVisionModelWithProjection
 from egrpo.rewards.base import weights_path
 from egrpo.rewards.clip import ImageTransform, mask_unscorable, split_unscorable
 from egrpo.rewards.loading import (
+    Needed,
     load_checkpoint_file,
     load_config,
     load_pretrained,
     load_state,
+    require_files,
     single_checkpoint,
+)
+
+# What load_aesthetic reads (the module docstring's layout): clip/'s vision tower and its weights; no tokenizer.
+AESTHETIC_FILES = (
+    Needed("checkpoint", what="the aesthetic head"),
+    Needed("config", "clip"),
+    Needed("weights", "clip"),
 )
 
 
@@ -76,9 +87,16 @@ class AestheticReward:
         return {"aesthetic": mask_unscorable(self.head(embeds), finite)}
 
 
+def check_aesthetic_folder(folder: Path) -> None:
+    """The pre-flight check of an `aesthetic` folder (egrpo.rewards.base.check_reward_folder): AESTHETIC_FILES
+    are there. The predictor reads no prompt, so there is no tokenizer to check."""
+    require_files(folder, AESTHETIC_FILES)
+
+
 def load_aesthetic(path: str | None, device: str) -> AestheticReward:
     """The `aesthetic` reward model from the folder layout in the module docstring."""
     folder = weights_path("aesthetic", path)
+    require_files(folder, AESTHETIC_FILES)
     head_file = single_checkpoint(folder)
     clip_folder = folder / "clip"
     # A vision-only config from the full CLIP one: the projection width lives at the top level of CLIPConfig.

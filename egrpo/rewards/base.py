@@ -57,12 +57,22 @@ REWARD_MODELS: dict[str, RewardFactory] = {}
 REWARD_NAMES: dict[str, tuple[str, ...]] = {}
 # models that load local weights, so need `rewards.paths.<model>` (checked before anything starts)
 NEEDS_WEIGHTS: set[str] = set()
+# check(folder): raises FileNotFoundError or ValueError, naming the file, when the model's loader would fail
+# on `folder` (a file it reads is missing, its tokenizer does not fit its text model); reads no weights.
+FolderCheck = Callable[[Path], None]
+# model name -> its pre-flight check (`check_reward_folder`), defined beside the model's loader.
+REWARD_CHECKS: dict[str, FolderCheck] = {}
 
 
 def register_reward_model(
-    model: str, factory: RewardFactory, names: Sequence[str], needs_weights: bool = True
+    model: str,
+    factory: RewardFactory,
+    names: Sequence[str],
+    needs_weights: bool = True,
+    check: FolderCheck | None = None,
 ) -> None:
-    """Add a model to the registry; each reward name must belong to exactly one model."""
+    """Add a model to the registry; each reward name must belong to exactly one model. `check` is the cheap
+    pre-flight check of the model's folder that `check_reward_folder` runs before anything starts."""
     if model in REWARD_MODELS:
         raise ValueError(f"reward model {model!r} is already registered")
     taken = {name: owner for owner, owned in REWARD_NAMES.items() for name in owned}
@@ -73,6 +83,8 @@ def register_reward_model(
     REWARD_NAMES[model] = tuple(names)
     if needs_weights:
         NEEDS_WEIGHTS.add(model)
+    if check is not None:
+        REWARD_CHECKS[model] = check
 
 
 def weights_path(model: str, path: str | None) -> Path:
@@ -88,6 +100,24 @@ def weights_path(model: str, path: str | None) -> Path:
     return resolved
 
 
+def check_reward_folder(model: str, path: str | None) -> Path:
+    """Everything about `model`'s weights that can be known without loading them, checked in seconds before
+    any model or actor starts: the path is given and exists (`weights_path`), and the model's registered check
+    passes (each file its loader reads is there; its tokenizer's ids fit its text model's vocabulary). Errors
+    (FileNotFoundError, ValueError) start with the config key, `rewards.paths.<model>`; returns the path."""
+    folder = weights_path(model, path)
+    check = REWARD_CHECKS.get(model)
+    if check is None:
+        return folder
+    try:
+        check(folder)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{PATHS_KEY}.{model}: {e}") from e
+    except (OSError, ValueError) as e:  # e.g. a config.json transformers cannot parse
+        raise ValueError(f"{PATHS_KEY}.{model}: {e}") from e
+    return folder
+
+
 def _lazy(target: str) -> RewardFactory:
     """A factory that imports `module:function` only when called, so importing the registry stays cheap."""
     module, _, function = target.partition(":")
@@ -98,6 +128,16 @@ def _lazy(target: str) -> RewardFactory:
     return factory
 
 
+def _lazy_check(target: str) -> FolderCheck:
+    """A folder check that imports `module:function` only when called, as `_lazy` does for factories."""
+    module, _, function = target.partition(":")
+
+    def check(folder: Path) -> None:
+        getattr(importlib.import_module(module), function)(folder)
+
+    return check
+
+
 def _toy(path: str | None, device: str) -> RewardModel:
     """The toy world's programmatic rewards: no weights, CPU only, so both arguments are ignored."""
     from egrpo.toyworld.rewards import ToyReward
@@ -106,11 +146,18 @@ def _toy(path: str | None, device: str) -> RewardModel:
 
 
 register_reward_model("toy", _toy, ("toy_colour", "toy_shape", "toy_position"), needs_weights=False)
-register_reward_model("clip", _lazy("egrpo.rewards.clip:load_clip_score"), ("clip_score",))
-register_reward_model("pickscore", _lazy("egrpo.rewards.clip:load_pickscore"), ("pickscore",))
-register_reward_model("aesthetic", _lazy("egrpo.rewards.aesthetic:load_aesthetic"), ("aesthetic",))
-register_reward_model("hpsv2", _lazy("egrpo.rewards.hps:load_hpsv2"), ("hpsv2",))
-register_reward_model("imagereward", _lazy("egrpo.rewards.imagereward:load_imagereward"), ("imagereward",))
+# Each model with weights also registers its folder check; the files each one reads are declared beside its
+# loader: CLIP_FILES (clip, pickscore), AESTHETIC_FILES, HPS_FILES, IMAGEREWARD_FILES.
+register_reward_model("clip", _lazy("egrpo.rewards.clip:load_clip_score"), ("clip_score",),
+                      check=_lazy_check("egrpo.rewards.clip:check_clip_folder"))
+register_reward_model("pickscore", _lazy("egrpo.rewards.clip:load_pickscore"), ("pickscore",),
+                      check=_lazy_check("egrpo.rewards.clip:check_clip_folder"))
+register_reward_model("aesthetic", _lazy("egrpo.rewards.aesthetic:load_aesthetic"), ("aesthetic",),
+                      check=_lazy_check("egrpo.rewards.aesthetic:check_aesthetic_folder"))
+register_reward_model("hpsv2", _lazy("egrpo.rewards.hps:load_hpsv2"), ("hpsv2",),
+                      check=_lazy_check("egrpo.rewards.hps:check_hps_folder"))
+register_reward_model("imagereward", _lazy("egrpo.rewards.imagereward:load_imagereward"), ("imagereward",),
+                      check=_lazy_check("egrpo.rewards.imagereward:check_imagereward_folder"))
 
 
 def reward_model_for(name: str) -> str:

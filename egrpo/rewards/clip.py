@@ -37,10 +37,17 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from transformers import CLIPModel, PreTrainedTokenizerBase
+from transformers import CLIPConfig, CLIPModel, PreTrainedTokenizerBase
 
 from egrpo.rewards.base import weights_path
-from egrpo.rewards.loading import load_pretrained, load_tokenizer
+from egrpo.rewards.loading import (
+    Needed,
+    check_vocabulary,
+    load_config,
+    load_pretrained,
+    load_tokenizer,
+    require_files,
+)
 from egrpo.rewards.tokenization import ClipPrompts, PromptTokenizer, TransformersPrompts
 
 # OpenAI CLIP's normalisation, used by CLIP, PickScore, HPSv2 and BLIP alike.
@@ -158,10 +165,35 @@ class ClipSimilarity:
         return {self.names[0]: mask_unscorable(similarity, finite)}
 
 
+# What load_clip_folder reads from a `clip` or `pickscore` folder (preprocessor_config.json is optional).
+CLIP_FILES = (Needed("tokenizer"), Needed("config"), Needed("weights"))
+
+
+def check_clip_tokenizer(folder: Path) -> None:
+    """Refuse a CLIP folder (`clip`, `pickscore`, `hpsv2`'s clip/) whose tokenizer has ids past its config's
+    text_config.vocab_size; reads only the tokenizer and config.json, not the weights."""
+    config = load_config(CLIPConfig, folder)
+    check_vocabulary(load_tokenizer(folder), config.text_config.vocab_size, folder, _text_config(folder))
+
+
+def _text_config(folder: Path) -> str:
+    """Where a CLIP folder's text vocabulary size is read from, for errors."""
+    return f"{folder / 'config.json'} (text_config)"
+
+
+def check_clip_folder(folder: Path) -> None:
+    """The pre-flight check of a `clip` or `pickscore` folder (egrpo.rewards.base.check_reward_folder): every
+    file in CLIP_FILES is there and the tokenizer fits the text tower, all without loading weights."""
+    require_files(folder, CLIP_FILES)
+    check_clip_tokenizer(folder)
+
+
 def load_clip_folder(folder: Path, device: str) -> tuple[CLIPModel, PreTrainedTokenizerBase, ImageTransform]:
     """A CLIP folder's model (eval, on `device`), tokenizer and image transform."""
-    tokenizer = load_tokenizer(folder)  # checked first: it fails fast, the weights may take a while
+    require_files(folder, CLIP_FILES)  # all found first: it fails fast, the weights may take a while
+    tokenizer = load_tokenizer(folder)
     model = load_pretrained(CLIPModel, folder, device)
+    check_vocabulary(tokenizer, model.config.text_config.vocab_size, folder, _text_config(folder))
     return model, tokenizer, ImageTransform.for_folder(folder, model.config.vision_config.image_size)
 
 

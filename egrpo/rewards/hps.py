@@ -27,17 +27,21 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 from transformers import CLIPConfig, CLIPModel
 
 from egrpo.rewards.base import weights_path
-from egrpo.rewards.clip import ClipSimilarity, ImageTransform
+from egrpo.rewards.clip import ClipSimilarity, ImageTransform, check_clip_tokenizer
 from egrpo.rewards.loading import (
+    Needed,
+    check_vocabulary,
     load_checkpoint_file,
     load_config,
     load_state,
     load_tokenizer,
+    require_files,
     single_checkpoint,
 )
 from egrpo.rewards.tokenization import OPEN_CLIP_SPECIALS, ClipPrompts
@@ -117,13 +121,32 @@ def open_clip_to_clip(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tens
     return converted
 
 
+# What load_hpsv2 reads (the module docstring's layout): clip/'s weights are not among them.
+HPS_FILES = (
+    Needed("checkpoint", what="HPSv2's checkpoint"),
+    Needed("tokenizer", "clip"),
+    Needed("config", "clip"),
+)
+
+
+def check_hps_folder(folder: Path) -> None:
+    """The pre-flight check of an `hpsv2` folder (egrpo.rewards.base.check_reward_folder): HPS_FILES are there
+    and clip/'s tokenizer fits its config's text vocabulary, without reading the checkpoint."""
+    require_files(folder, HPS_FILES)
+    check_clip_tokenizer(folder / "clip")
+
+
 def load_hpsv2(path: str | None, device: str) -> ClipSimilarity:
     """The `hpsv2` reward model from the folder layout in the module docstring."""
     folder = weights_path("hpsv2", path)
+    require_files(folder, HPS_FILES)
     checkpoint_file = single_checkpoint(folder)
     clip_folder = folder / "clip"
     tokenizer = load_tokenizer(clip_folder)
     config = load_config(CLIPConfig, clip_folder)
+    check_vocabulary(
+        tokenizer, config.text_config.vocab_size, clip_folder, f"{clip_folder / 'config.json'} (text_config)"
+    )
     checkpoint = load_checkpoint_file(checkpoint_file)
     # The released file wraps the weights in a training checkpoint; a bare state dict is accepted too.
     state = checkpoint.get("state_dict", checkpoint)

@@ -48,10 +48,13 @@ from egrpo.rewards.aesthetic import ScoreHead
 from egrpo.rewards.base import weights_path
 from egrpo.rewards.clip import ImageTransform, mask_unscorable, split_unscorable
 from egrpo.rewards.loading import (
+    Needed,
+    check_vocabulary,
     load_checkpoint_file,
     load_state,
     load_tokenizer,
     require_file,
+    require_files,
     single_checkpoint,
 )
 from egrpo.rewards.tokenization import PromptTokenizer, TransformersPrompts
@@ -204,14 +207,44 @@ def load_blip_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
+# What load_imagereward reads (the module docstring's layout).
+IMAGEREWARD_FILES = (
+    Needed("checkpoint", what="ImageReward's checkpoint"),
+    Needed("tokenizer", "tokenizer"),
+    Needed("file", name="med_config.json", what="BLIP's text encoder config"),
+)
+
+
+def blip_tokenizer_and_med(folder: Path) -> tuple[PreTrainedTokenizerBase, dict]:
+    """An `imagereward` folder's BLIP tokenizer and med_config.json, the tokenizer checked to fit the text
+    encoder's vocab_size *with* the [DEC] and [ENC] tokens BLIP adds (bert-base-uncased's 30522 + 2 = the
+    30524 of ImageReward's med_config.json). Cheap: no weights are read."""
+    tokenizer = load_blip_tokenizer(folder / "tokenizer")
+    med_file = require_file(folder / "med_config.json", "BLIP's text encoder config")
+    try:
+        med = json.loads(med_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{med_file} is not valid JSON: {e}") from None
+    if not isinstance(med, dict) or not isinstance(med.get("vocab_size"), int):
+        raise ValueError(f"{med_file} is not a BERT config: it has no integer vocab_size")
+    check_vocabulary(tokenizer, med["vocab_size"], folder / "tokenizer", str(med_file))
+    return tokenizer, med
+
+
+def check_imagereward_folder(folder: Path) -> None:
+    """The pre-flight check of an `imagereward` folder (egrpo.rewards.base.check_reward_folder): the files in
+    IMAGEREWARD_FILES are there and the tokenizer fits med_config.json, without reading the checkpoint."""
+    require_files(folder, IMAGEREWARD_FILES)
+    blip_tokenizer_and_med(folder)
+
+
 def load_imagereward(path: str | None, device: str) -> ImageRewardModel:
     """The `imagereward` reward model from the folder layout in the module docstring."""
     folder = weights_path("imagereward", path)
+    require_files(folder, IMAGEREWARD_FILES)
     checkpoint_file = single_checkpoint(folder)
-    tokenize = TransformersPrompts(
-        load_blip_tokenizer(folder / "tokenizer"), max_length=MAX_PROMPT_TOKENS, padding="max_length"
-    )
-    med = json.loads(require_file(folder / "med_config.json", "BLIP's text encoder config").read_text())
+    tokenizer, med = blip_tokenizer_and_med(folder)
+    tokenize = TransformersPrompts(tokenizer, max_length=MAX_PROMPT_TOKENS, padding="max_length")
     checkpoint = load_checkpoint_file(checkpoint_file)
     try:
         vision_state, text_state, head_state = blip_to_transformers(checkpoint)
