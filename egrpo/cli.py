@@ -7,9 +7,11 @@ import json
 import logging
 import math
 import sys
+import textwrap
 from pathlib import Path
 
 from egrpo.config import ConfigError, load_config
+from egrpo.integrity import RunDataError, guard_run_folder
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -19,10 +21,14 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def check_input_files(cfg) -> None:
-    """Missing, empty or malformed prompt files, a missing model folder and missing reward weights are config
-    errors (naming the key and the path), found before any model loads or actor starts."""
+    """Missing, empty or malformed prompt files, a model.path that is no pipeline egrpo can load (no folder, no
+    model_index.json, an unsupported pipeline class, a missing component: egrpo.models.folder) and reward
+    folders their loaders would fail on (missing path or file, a tokenizer past its text model's vocabulary:
+    egrpo.rewards.base.check_reward_folder) are config errors, one line naming the key and the path, found in
+    seconds before any model loads or actor starts. No weights are read."""
     from egrpo.data.prompts import load_prompts
-    from egrpo.rewards.base import NEEDS_WEIGHTS, reward_model_for, weights_path
+    from egrpo.models.folder import check_pipeline_folder
+    from egrpo.rewards.base import NEEDS_WEIGHTS, check_reward_folder, reward_model_for
 
     for key, spec in (("data.prompts", cfg.data.prompts), ("data.eval_prompts", cfg.data.eval_prompts)):
         try:
@@ -35,25 +41,55 @@ def check_input_files(cfg) -> None:
         env_file = Path(cfg.rewards.runtime_env)
         if not env_file.is_file() or not isinstance(yaml.safe_load(env_file.read_text()), dict):
             raise ConfigError(f"rewards.runtime_env: {env_file} is not a YAML file with a runtime_env mapping")
-    if cfg.model.path != "toy" and not Path(cfg.model.path).expanduser().is_dir():
-        raise ConfigError(f"model.path: {cfg.model.path} is not a folder (a local diffusers pipeline)")
+    if cfg.model.path != "toy":  # the committed toy checkpoint is known to load
+        try:
+            check_pipeline_folder(cfg.model.path)
+        except (FileNotFoundError, ValueError) as e:
+            raise ConfigError(f"model.path: {e}") from None
     for model in dict.fromkeys(reward_model_for(name) for name in cfg.rewards.weights):
         if model in NEEDS_WEIGHTS:
             try:
-                weights_path(model, cfg.rewards.paths.get(model))
-            except (FileNotFoundError, ValueError) as e:
-                raise ConfigError(str(e)) from None
+                check_reward_folder(model, cfg.rewards.paths.get(model))
+            except (FileNotFoundError, ValueError) as e:  # already names rewards.paths.<model>; one line
+                raise ConfigError(" ".join(str(e).split())) from None
+
+
+def completed_run(cfg, checkpoint: Path, args: argparse.Namespace) -> str | None:
+    """What to say when `checkpoint` already ends the run (its iteration is the last of train.iterations), so
+    resuming would train nothing; None otherwise."""
+    done = json.loads((checkpoint / "state.json").read_text())["iteration"] + 1
+    if done < cfg.train.iterations:
+        return None
+    return (f"egrpo: the run is complete: checkpoint {checkpoint} ends iteration {done} of "
+            f"train.iterations={cfg.train.iterations}; nothing was changed. To train further: egrpo train "
+            f"{args.config} --resume {args.resume} --set train.iterations=N, with N > {done}")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    """Train, or resume. All that guards the run folder happens before any model loads or actor starts: a fresh
+    run into a folder that holds a run is refused (or, with --overwrite, the folder is moved aside); a resumed
+    run's checkpoint is verified (egrpo.checkpoint.checkpoint_to_resume), and a run it already completes is left
+    as it is."""
     cfg = load_config(args.config, args.overrides)
     check_input_files(cfg)
+    resume = None
+    if args.resume is None:
+        guard_run_folder(cfg.run_dir, overwrite=args.overwrite)
+    else:
+        from egrpo.checkpoint import checkpoint_to_resume
+
+        checkpoint = checkpoint_to_resume(cfg.run_dir, args.resume)
+        complete = completed_run(cfg, checkpoint, args)
+        if complete:
+            print(complete)
+            return 0
+        resume = str(checkpoint)
     if cfg.runtime.backend == "local":
         from egrpo.trainer import Trainer
     else:
         from egrpo.runtime.driver import RayTrainer as Trainer
 
-    outputs = Trainer(cfg, resume=args.resume).run()
+    outputs = Trainer(cfg, resume=resume).run()
     print(f"\nrun finished: {outputs.run_dir}")
     print(f"  reward curve   {outputs.reward_curve}")
     print(f"  sample grid    {outputs.sample_grid}")
@@ -151,10 +187,14 @@ def _plan_aegpo(cfg, info: dict, args: argparse.Namespace) -> int:
         "peaks": peaks,
         "budget": budgets,
     })
-    tree = cfg.aegpo.rollout == "tree"
+    tree = cfg.tree_plan
     if tree:  # a tree's split steps are its peaks; its leaves are its budget
         info.update({"splits": peaks, "leaves": budgets})
-    png = Path(args.png or cfg.run_dir / "entropy_curves.png")
+    # next to the checkpoint's run when there is one; a plan before training creates no run folder
+    folder = Path(args.checkpoint) if args.checkpoint else Path(".")
+    if folder.parent.name == "checkpoints":  # a checkpoint of a run: the run's folder, not the checkpoint's
+        folder = folder.parent.parent
+    png = Path(args.png or folder / "entropy_curves.png")
     plot_entropy_curves(info["attention_entropy"], info["reference_entropy"], peaks, png)
     if args.json:
         print(json.dumps(info))
@@ -169,7 +209,7 @@ def _plan_aegpo(cfg, info: dict, args: argparse.Namespace) -> int:
           f"E(t) per step")
     for prompt in prompts:
         curve = " ".join(f"{e:.4f}" for e in info["attention_entropy"][prompt])
-        print(f"{prompt[:32]:<32} {info['delta_entropy'][prompt]:8.5f} {budgets[prompt]:>8}  "
+        print(f"{textwrap.shorten(prompt, 32, placeholder='...'):<32} {info['delta_entropy'][prompt]:8.5f} {budgets[prompt]:>8}  "
               f"{str(peaks[prompt]):<7} {curve}")
     print(f"wrote {png}")
     return 0
@@ -184,11 +224,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     check_input_files(cfg)
     # an evaluation is a run of its own: it never writes into the training run's folder
     cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, name=cfg.run.name + "-eval", wandb="disabled"))
-    from egrpo.checkpoint import resolve_checkpoint
+    from egrpo.checkpoint import verified_checkpoint
     from egrpo.report import save_image_grid, write_eval_table
     from egrpo.trainer import SHOWN_IMAGES
 
-    checkpoint = resolve_checkpoint(Path(args.checkpoint))
+    checkpoint = verified_checkpoint(args.checkpoint, "--checkpoint")  # before any model loads
     if cfg.runtime.backend == "local":
         from egrpo.trainer import Trainer
     else:
@@ -232,6 +272,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_sample(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
+    check_input_files(cfg)
     from egrpo.checkpoint import load_checkpoint
     from egrpo.report import save_image_grid
     from egrpo.rewards.base import score_all
@@ -277,8 +318,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train with the recipe (on Ray; runtime.backend=local: in-process loop)")
     _add_config_args(p)
-    p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="PATH|auto",
-                   help="continue from a checkpoint folder, or the run's latest (auto)")
+    start = p.add_mutually_exclusive_group()
+    start.add_argument("--resume", nargs="?", const="auto", default=None, metavar="PATH|auto",
+                       help="continue from a checkpoint folder, or the run's newest intact checkpoint (auto)")
+    start.add_argument("--overwrite", action="store_true",
+                       help="start over in a run folder that holds a run: the old folder is renamed to "
+                            "<run dir>.old-<time> first (nothing is deleted)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("plan", help="show which steps explore: E-GRPO's step entropies and merge lengths; for "
@@ -286,7 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--checkpoint", help="aegpo: probe these weights instead of the base model's")
-    p.add_argument("--png", help="aegpo: where to write the entropy curves (default: <run dir>/entropy_curves.png)")
+    p.add_argument("--png", help="aegpo: where to write the entropy curves (default: entropy_curves.png in the "
+                                 "--checkpoint folder, else in the current folder)")
     p.add_argument("--memory", action="store_true",
                    help="instead: peak GPU memory of each role (rollout, learner, reward) and its parts")
     p.add_argument("--gpu-memory", type=_gigabytes, metavar="GB",
@@ -347,6 +393,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"egrpo: {e}", file=sys.stderr)
         return 3
+    except RunDataError as e:  # going on would lose data: an existing run folder, a damaged checkpoint
+        print(f"egrpo: {e}", file=sys.stderr)
+        return 2
     except FileNotFoundError as e:  # a path the user gave: model folder, checkpoint, --resume
         print(f"egrpo: {e}", file=sys.stderr)
         return 2

@@ -18,12 +18,27 @@ from tqdm import tqdm
 
 from egrpo.algo.advantages import group_advantages, tree_advantages
 from egrpo.batch import Batch
-from egrpo.checkpoint import load_checkpoint, load_torch_optimizer, save_checkpoint, save_torch_optimizer
+from egrpo.checkpoint import (
+    checkpoint_to_resume,
+    load_checkpoint,
+    load_torch_optimizer,
+    save_checkpoint,
+    save_torch_optimizer,
+)
 from egrpo.config import Config, dump_config, to_dict
 from egrpo.data.prompts import load_prompts
 from egrpo.learner import GRPOLearner, make_minibatches
-from egrpo.methods import is_tree, noise_spec, plan_method, schedule_sigmas
-from egrpo.report import MetricsLog, mean_or_nan, plot_reward_curve, save_image_grid
+from egrpo.methods import noise_spec, plan_method, schedule_sigmas
+from egrpo.report import (
+    START_IMAGES,
+    MetricsLog,
+    falling_components,
+    load_start_images,
+    mean_or_nan,
+    plot_reward_curve,
+    save_image_grid,
+    save_start_images,
+)
 from egrpo.rewards.base import build_reward_models, score_samples
 from egrpo.sampling.plans import ode_plan
 from egrpo.sampling.rollout import ProbeResult, RolloutResult, SamplerSettings, probe_entropies, run_plan
@@ -108,10 +123,10 @@ def probe_settings(cfg: Config):
 
 def score_rollout(cfg: Config, result: RolloutResult, rewards: dict[str, torch.Tensor]) -> tuple[Batch, dict]:
     """Advantages attached to the trained steps that have one, and reward metrics. Per sample within its plan
-    group; for a tree (egrpo.methods.is_tree), per node within its tree's depth."""
+    group; for a tree (Config.tree_plan), per node within its tree's depth."""
     weights, t = cfg.rewards.weights, cfg.train
     steps = result.train_steps
-    if is_tree(cfg) and len(steps):
+    if cfg.tree_plan and len(steps):
         tree_depth = [result.samples["group"][s] * (cfg.sampler.steps + 1) + depth
                       for s, depth in zip(steps["sample"], steps["depth"], strict=True)]
         adv = tree_advantages(rewards, steps["leaves"], tree_depth, weights, cfg.rewards.combine, t.adv_clip,
@@ -201,13 +216,42 @@ class TrainingLoop:
     def close(self) -> None:
         self.log.close()
 
+    def _outputs(self) -> RunOutputs:
+        return RunOutputs(self.run_dir, self.log.path, self.run_dir / "reward_curve.png",
+                          self.run_dir / "samples.png", self.checkpoint)
+
+    def _start_row(self) -> tuple[torch.Tensor, str]:
+        """The first row of samples.png and its label. A fresh run evaluates the base model (logged as
+        iteration 0) and keeps its images in START_IMAGES; a resumed run reads them back, so its grid still
+        compares against the base model. A resumed run folder without them (from before they were kept, or
+        whose held-out prompts changed) shows the resumed checkpoint's samples instead, labelled as such."""
+        shown = self.eval_prompts[:SHOWN_IMAGES]
+        path = self.run_dir / START_IMAGES
+        if self.start_iteration > 0:
+            stored = load_start_images(path, shown)
+            if stored is not None:
+                return stored, "start"
+            log.warning("%s is missing or shows other held-out prompts: the first row of samples.png shows the "
+                        "resumed checkpoint's samples (labelled iter %d), not the base model's", path,
+                        self.start_iteration)
+        metrics, images = self.evaluate()
+        images = images[: len(shown)]
+        if self.start_iteration > 0:
+            return images, f"iter {self.start_iteration}"
+        log.info("held-out reward before training: %.3f", metrics["eval/reward_mean"])
+        self.log.log({"iteration": 0, **metrics})
+        save_start_images(path, images, shown)
+        return images, "start"
+
     def run(self) -> RunOutputs:
         cfg = self.cfg
         last = cfg.train.iterations - 1
-        start_metrics, start_images = self.evaluate()
-        log.info("held-out reward before training: %.3f", start_metrics["eval/reward_mean"])
-        if self.start_iteration == 0:
-            self.log.log({"iteration": 0, **start_metrics})
+        if self.start_iteration > last:  # resumed from the run's last checkpoint: nothing to train or rewrite
+            log.info("the run is complete: %s is iteration %d of train.iterations=%d", self.checkpoint,
+                     self.start_iteration, cfg.train.iterations)
+            self.close()
+            return self._outputs()
+        start_images, start_label = self._start_row()
         images = start_images
         bar = tqdm(range(self.start_iteration, cfg.train.iterations), desc=f"{cfg.plan.method} training",
                    unit="it", initial=self.start_iteration, total=cfg.train.iterations)
@@ -223,11 +267,14 @@ class TrainingLoop:
                                 eval=f"{record.get('eval/reward_mean', float('nan')):.3f}")
                 if it == last or (it + 1) % cfg.train.checkpoint_every == 0:
                     self.save(it)
-            outputs = RunOutputs(self.run_dir, self.log.path, self.run_dir / "reward_curve.png",
-                                 self.run_dir / "samples.png", self.checkpoint)
-            plot_reward_curve(self.log.records(), outputs.reward_curve, f"{cfg.run.name} ({cfg.plan.method})")
-            shown = min(SHOWN_IMAGES, len(self.eval_prompts))
-            save_image_grid([start_images[:shown], images[:shown]], ["start", "end"], self.eval_prompts[:shown],
+            outputs = self._outputs()
+            records = self.log.records()
+            plot_reward_curve(records, outputs.reward_curve, f"{cfg.run.name} ({cfg.plan.method})",
+                              cfg.rewards.weights)
+            for warning in falling_components(records, cfg.rewards.weights):
+                log.warning(warning)
+            shown = len(start_images)
+            save_image_grid([start_images, images[:shown]], [start_label, "end"], self.eval_prompts[:shown],
                             outputs.sample_grid)
         finally:
             self.close()
@@ -245,7 +292,7 @@ class Trainer(TrainingLoop):
         self.learner = GRPOLearner(self.policy, cfg.train, cfg.sampler.logprob_reduction)
         self.settings = sampler_settings(cfg)
         if resume is not None:
-            state = load_checkpoint(self.run_dir if resume == "auto" else Path(resume), self.policy)
+            state = load_checkpoint(checkpoint_to_resume(self.run_dir, resume), self.policy)
             load_torch_optimizer(self.learner.optimizer, Path(state["path"]))
             self.scheduler.load_state_dict(state["scheduler"])
             self.start_iteration = state["iteration"] + 1

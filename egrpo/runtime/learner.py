@@ -349,8 +349,9 @@ class DeepSpeedLearner(GRPOLearner):
     def save_checkpoint(self, root: Path, iteration: int, loop_state: dict[str, Any]) -> Path:
         """A whole egrpo checkpoint (`egrpo.checkpoint` layout) with DeepSpeed's state in `optimizer/`;
         collective. Rank 0 stages the weights and state.json, every rank writes its ZeRO shard into the same
-        staging folder (so `root` must be storage that all ranks share), rank 0 publishes it (rename, then the
-        `latest` marker). Returns the published folder on every rank."""
+        staging folder (so `root` must be storage that all ranks share), rank 0 publishes it (`publish_checkpoint`:
+        the manifest of every rank's files, the rename, then the `latest` marker). Returns the published folder
+        on every rank."""
         root = Path(root)
         with self.gathered():
             if self.settings.rank == 0:
@@ -366,7 +367,9 @@ class DeepSpeedLearner(GRPOLearner):
         """Resume from an egrpo checkpoint (a checkpoint folder, or a run / checkpoints folder with a `latest`
         marker); collective. Returns its loop state (state.json, plus `path`). A checkpoint of the in-process
         loop (a torch optimizer.pt, no DeepSpeed files) also loads: its weights always, and its AdamW state
-        when this learner steps that very optimiser (ZeRO 0, fp32); otherwise Adam restarts from zero."""
+        when this learner steps that very optimiser (ZeRO 0, fp32); otherwise Adam restarts from zero. It does
+        not check the manifest: the driver verified the checkpoint once (`checkpoint_to_resume`) before any rank
+        is asked to load it."""
         folder = resolve_checkpoint(path)
         if (folder / "optimizer" / CHECKPOINT_TAG).is_dir():
             self.load_state(folder / "optimizer")
