@@ -1,6 +1,6 @@
 """Checkpoints: weights as safetensors, optimiser state, loop state as JSON, and a `latest` marker.
 
-Layout of `runs/<name>/checkpoints/iter_000010/`:
+Layout of `runs/<name>/checkpoints/iter_000010/` (after 10 iterations, `checkpoint_name`):
   weights/                   what diffusers loads (LoRA: pytorch_lora_weights.safetensors; full: a transformer folder)
   trainable.safetensors      the trainable tensors exactly as the policy holds them (what resume loads)
   optimizer/                 optimiser state (torch state dict, or DeepSpeed's own files)
@@ -42,9 +42,15 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def checkpoint_name(iteration: int) -> str:
+    """The folder of the checkpoint taken after loop iteration `iteration` (0-based): named by the iterations
+    done, `iter_000080` after the 80th, the number metrics.jsonl, `egrpo eval` and `egrpo sample` show."""
+    return f"iter_{iteration + 1:06d}"
+
+
 def staging_dir(root: Path, iteration: int) -> Path:
     """Where checkpoint `iteration` is assembled before it is renamed into place."""
-    return root / f".tmp_iter_{iteration:06d}"
+    return root / f".tmp_{checkpoint_name(iteration)}"
 
 
 def start_checkpoint(root: Path, iteration: int, policy, loop_state: dict[str, Any]) -> Path:
@@ -65,7 +71,7 @@ def start_checkpoint(root: Path, iteration: int, policy, loop_state: dict[str, A
 def publish_checkpoint(root: Path, iteration: int) -> Path:
     """Record the staged files' sizes and hashes (the manifest), rename the folder into place, then point
     `latest` at it (the atomic last step). Every writer (in-process loop, Ray learners) publishes through here."""
-    final = root / f"iter_{iteration:06d}"
+    final = root / checkpoint_name(iteration)
     write_manifest(staging_dir(root, iteration), final.name)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(staging_dir(root, iteration), final)
@@ -100,7 +106,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def _iteration_of(folder: Path) -> int | None:
-    """The iteration in a checkpoint folder's name (`iter_000010` -> 10); None for any other name."""
+    """The iterations done in a checkpoint folder's name (`iter_000010` -> 10); None for any other name."""
     match = re.fullmatch(r"iter_(\d+)", folder.name)
     return int(match.group(1)) if match else None
 

@@ -297,7 +297,7 @@ class Trainer(TrainingLoop):
             self.scheduler.load_state_dict(state["scheduler"])
             self.start_iteration = state["iteration"] + 1
             self.checkpoint = Path(state["path"])
-            log.info("resumed from %s at iteration %d", state["path"], self.start_iteration)
+            log.info("resumed from %s: %d iterations done", state["path"], self.start_iteration)
         self._open_log(resumed=resume is not None)
 
     def evaluate(self) -> tuple[dict[str, float], torch.Tensor]:

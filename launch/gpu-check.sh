@@ -133,10 +133,10 @@ def check(folder: Path, device: torch.device, finetune: str, stage: int) -> dict
            "first_ratio_max_dev": metrics["train/first_ratio_max_dev"], "loss": metrics["train/loss"],
            "grad_norm": metrics["train/grad_norm"], "max_weight_change": moved,
            "cuda_peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
-    # the old log-probs are the rollout policy's: ZeRO 3 gets the test's 1e-3 (re-gathered bf16 weights may round
-    # differently; tests/test_runtime_learner.py), the others 1e-4 (0 on the CPU; CUDA kernels may batch apart)
+    # the old log-probs are the rollout policy's: exactly on the CPU (tests/test_runtime_learner.py); 1e-4 here,
+    # since CUDA kernels may choose other algorithms for other batch shapes
     row["ok"] = (accelerator == device.type and row["first_ratio_max_dev"] == 0 and moved > 0
-                 and row["rollout_logp_mismatch"] <= (1e-3 if stage == 3 else 1e-4)
+                 and row["rollout_logp_mismatch"] <= 1e-4
                  and math.isfinite(row["loss"]) and math.isfinite(row["grad_norm"]))
     return row
 

@@ -25,7 +25,7 @@ from egrpo.trainer import Trainer
 RECIPE = Path(__file__).parents[1] / "launch" / "configs" / "toy-egrpo.yaml"
 SMALL = ["run.wandb=disabled", "runtime.backend=local", "plan.prompts_per_iteration=1", "plan.group_size=2",
          "train.eval_prompts=2", "train.eval_seeds=1", "train.checkpoint_every=1", "train.eval_every=0"]
-ITERATIONS = 2  # the finished run: checkpoints iter_000000 and iter_000001
+ITERATIONS = 2  # the finished run: checkpoints iter_000001 and iter_000002
 
 
 def _overrides(parent: Path, *extra: str) -> list[str]:
@@ -164,7 +164,7 @@ def test_start_images_are_for_the_prompts_they_show(tmp_path: Path):
 
 
 def test_a_truncated_checkpoint_file_stops_resume_naming_it(run: Path):
-    damaged = run / "checkpoints" / "iter_000001"
+    damaged = run / "checkpoints" / "iter_000002"
     _truncate(damaged / "trainable.safetensors")
     before = _snapshot(run)
     for target in (damaged, run):  # the checkpoint folder, or the run folder (its `latest`)
@@ -172,7 +172,7 @@ def test_a_truncated_checkpoint_file_stops_resume_naming_it(run: Path):
         assert result.returncode == 2, result.stderr[-2000:]
         message = _message(result)
         assert "trainable.safetensors is truncated" in message and str(damaged) in message
-        assert f"--resume {run / 'checkpoints' / 'iter_000000'}" in message
+        assert f"--resume {run / 'checkpoints' / 'iter_000001'}" in message
         assert "resumed from" not in result.stderr
     assert _snapshot(run) == before
 
@@ -180,37 +180,37 @@ def test_a_truncated_checkpoint_file_stops_resume_naming_it(run: Path):
 def test_auto_resume_falls_back_to_the_previous_intact_checkpoint(run: Path):
     """The newest checkpoint changed on disk (same size): --resume auto skips it, says so, resumes from the one
     before, and retrains the lost iteration, writing its checkpoint anew."""
-    damaged = run / "checkpoints" / "iter_000001"
+    damaged = run / "checkpoints" / "iter_000002"
     _flip_a_byte(damaged / "optimizer" / "optimizer.pt")
     result = _cli("train", run.parent, "--resume", "auto")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "optimizer/optimizer.pt is corrupt" in result.stderr
-    assert "skipped the damaged iter_000001" in result.stderr and "at iteration 1" in result.stderr
+    assert "skipped the damaged iter_000002" in result.stderr and "1 iterations done" in result.stderr
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in records] == list(range(ITERATIONS + 1))
     assert checkpoint_damage(damaged) is None  # rewritten by the resumed run
 
 
 def test_eval_of_a_damaged_checkpoint_stops_naming_the_file(run: Path, tmp_path: Path):
-    (run / "checkpoints" / "iter_000001" / "weights" / "pytorch_lora_weights.safetensors").unlink()
+    (run / "checkpoints" / "iter_000002" / "weights" / "pytorch_lora_weights.safetensors").unlink()
     out = tmp_path / "eval"
     result = _cli("eval", run.parent, "--checkpoint", str(run), "--out", str(out))
     assert result.returncode == 2, result.stderr[-2000:]
     message = _message(result)
     assert "weights/pytorch_lora_weights.safetensors is missing" in message
-    assert f"--checkpoint {run / 'checkpoints' / 'iter_000000'}" in message
+    assert f"--checkpoint {run / 'checkpoints' / 'iter_000001'}" in message
     assert not out.exists()
 
 
 def test_no_intact_checkpoint_left_is_an_error_naming_each(run: Path):
     for folder in (run / "checkpoints").glob("iter_*"):
         _truncate(folder / "state.json")
-    with pytest.raises(CheckpointError, match="iter_000001 .*state.json is truncated.*iter_000000 .*truncated"):
+    with pytest.raises(CheckpointError, match="iter_000002 .*state.json is truncated.*iter_000001 .*truncated"):
         checkpoint_to_resume(run, "auto")
 
 
 def test_the_manifest_names_what_is_missing_truncated_or_changed(tmp_path: Path):
-    folder = tmp_path / "iter_000003"
+    folder = tmp_path / "iter_000004"
     (folder / "sub").mkdir(parents=True)
     (folder / "state.json").write_text(json.dumps({"iteration": 3, "manifest": MANIFEST}))
     (folder / "sub" / "weights.bin").write_bytes(bytes(range(256)) * 64)
@@ -232,7 +232,7 @@ def test_the_manifest_names_what_is_missing_truncated_or_changed(tmp_path: Path)
 
 
 def test_a_checkpoint_from_before_manifests_loads_with_a_warning(run: Path, caplog):
-    folder = run / "checkpoints" / "iter_000001"
+    folder = run / "checkpoints" / "iter_000002"
     (folder / MANIFEST).unlink()
     state = json.loads((folder / "state.json").read_text())
     del state["manifest"]

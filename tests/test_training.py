@@ -52,7 +52,7 @@ def test_resume_gives_the_same_metrics_as_a_straight_run(tmp_path):
     Trainer(first_half).run()
     second_half = _config(tmp_path / "b", "toy-egrpo.yaml", "train.iterations=4", "train.checkpoint_every=2",
                           "train.eval_every=2", "plan.prompts_per_iteration=2")
-    assert resolve_checkpoint(second_half.run_dir).name == "iter_000001"
+    assert resolve_checkpoint(second_half.run_dir).name == "iter_000002"
     Trainer(second_half, resume="auto").run()
 
     def records(cfg):
@@ -96,7 +96,7 @@ def test_sample_command_draws_base_and_checkpoint_rows(tmp_path):
         capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert out.stat().st_size > 0 and "iter 1" in result.stdout and "base" in result.stdout
-    assert outputs.checkpoint.name == "iter_000000"
+    assert outputs.checkpoint.name == "iter_000001"
 
 
 def test_eval_command_reproduces_the_runs_own_start_and_end_evaluations(tmp_path):

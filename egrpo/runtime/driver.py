@@ -271,7 +271,7 @@ class RayTrainer(TrainingLoop):
         self._get(self.scheduler.load_state_dict.remote(state["scheduler"]))
         self.start_iteration = state["iteration"] + 1
         self.checkpoint = folder
-        log.info("resumed from %s at iteration %d", folder, self.start_iteration)
+        log.info("resumed from %s: %d iterations done", folder, self.start_iteration)
         return state.get("weights_version", 0)  # an in-process loop's checkpoint has no versions
 
     # ------------------------------------------------------------------------------------------------ stages

@@ -204,7 +204,9 @@ class DeepSpeedLearner(GRPOLearner):
             "train_micro_batch_size_per_gpu": 1,
             "gradient_accumulation_steps": 1,
             "gradient_clipping": float(train_cfg.max_grad_norm),
-            "zero_optimization": {"stage": settings.zero_stage},
+            # ZeRO 3 would swap torch.nn.functional.linear for its own, which adds the bias after rounding the
+            # product (bf16: a 4e-3 log-prob gap to the rollout workers, who use torch's fused linear)
+            "zero_optimization": {"stage": settings.zero_stage, "memory_efficient_linear": False},
             "bf16": {"enabled": self.mixed_precision},
             "data_types": {"grad_accum_dtype": "fp32" if self.mixed_precision else None},
             "steps_per_print": 2**31 - 1,
@@ -396,16 +398,7 @@ class DeepSpeedLearner(GRPOLearner):
         return set(state.get("module") or {})
 
     def close(self) -> None:
-        """Leave and destroy the process group (do this before killing an actor), and undo ZeRO 3's process-wide
-        swap of torch.nn.functional.linear for its own (`memory_efficient_linear`, which "will persist unless
-        manually reset"), so that later models in this process compute linear layers as before."""
-        if getattr(self, "_deepspeed", None) is not None:
-            from deepspeed.runtime.zero.partition_parameters import (
-                InsertPostInitMethodToModuleSubClasses as Hooks,
-            )
-
-            if hasattr(Hooks, "linear_bk"):
-                torch.nn.functional.linear = Hooks.linear_bk
+        """Leave and destroy the process group (do this before killing an actor)."""
         if torch.distributed.is_initialized():
             deepspeed = getattr(self, "_deepspeed", None)
             if deepspeed is not None and deepspeed.comm.is_initialized():
