@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -253,8 +254,15 @@ class TrainingLoop:
             return self._outputs()
         start_images, start_label = self._start_row()
         images = start_images
+        # a terminal gets a progress bar; a log file (a Ray job, CI) a line every 5% of the run instead of
+        # one very long line of carriage returns
+        interactive = sys.stderr.isatty()
         bar = tqdm(range(self.start_iteration, cfg.train.iterations), desc=f"{cfg.plan.method} training",
-                   unit="it", initial=self.start_iteration, total=cfg.train.iterations)
+                   unit="it", initial=self.start_iteration, total=cfg.train.iterations, disable=not interactive)
+        every = max(1, cfg.train.iterations // 20)
+        held_out = [r["eval/reward_mean"] for r in self.log.records() if "eval/reward_mean" in r]
+        last_eval = held_out[-1] if held_out else float("nan")
+        started = time.perf_counter()
         try:
             for it in bar:
                 record = {"iteration": it + 1, **self.iteration(it)}
@@ -263,8 +271,12 @@ class TrainingLoop:
                     record.update(eval_record)
                 self.log.log(record)
                 self.publish(record)
-                bar.set_postfix(reward=f"{record['reward/mean']:.3f}",
-                                eval=f"{record.get('eval/reward_mean', float('nan')):.3f}")
+                last_eval = record.get("eval/reward_mean", last_eval)
+                bar.set_postfix(reward=f"{record['reward/mean']:.3f}", held_out=f"{last_eval:.3f}")
+                if not interactive and ((it + 1) % every == 0 or it == last):
+                    seconds = (time.perf_counter() - started) / (it + 1 - self.start_iteration)
+                    log.info("iteration %d/%d: reward %.3f, last held-out reward %.3f, %.1f s/iteration", it + 1,
+                             cfg.train.iterations, record["reward/mean"], last_eval, seconds)
                 if it == last or (it + 1) % cfg.train.checkpoint_every == 0:
                     self.save(it)
             outputs = self._outputs()

@@ -142,3 +142,20 @@ def test_falling_reward_components_are_plotted_and_named(tmp_path):
     assert falling_components(records, {"a": 1.0}) == []
     plot_reward_curve(records, tmp_path / "curve.png", "t", weights)
     assert (tmp_path / "curve.png").stat().st_size > 0
+
+
+def test_progress_in_a_log_file_is_lines_with_the_last_held_out_reward(tmp_path):
+    """Not a terminal (a Ray job's log, CI): a line per 5% of the run naming the last held-out reward, and no
+    progress bar's carriage returns."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "egrpo.cli", "train", "launch/configs/toy-egrpo.yaml", "--set", "runtime.backend=local",
+         "--set", f"run.dir={tmp_path}", "--set", "train.iterations=3", "--set", "train.eval_every=2",
+         "--set", "plan.prompts_per_iteration=1", "--set", "plan.group_size=2", "--set", "train.eval_prompts=2"],
+        capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [line for line in done.stderr.splitlines() if "iteration " in line and "/3: reward" in line]
+    assert [line.split("iteration ")[1].split("/")[0] for line in lines] == ["1", "2", "3"]
+    assert "last held-out reward nan" not in lines[1] and "\r" not in done.stderr  # iteration 2 evaluated
