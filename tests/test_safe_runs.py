@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -299,3 +300,12 @@ def test_ray_checkpoint_has_a_verified_manifest(tmp_path: Path, local_ray):
     _truncate(folder / shards[1])
     with pytest.raises(CheckpointError, match=re.escape(f"{shards[1]} is truncated")):
         checkpoint_to_resume(cfg.run_dir, "auto")
+
+
+def test_resume_without_a_checkpoint_stops_before_ray(tmp_path: Path):
+    """`--resume auto` on a run folder with no checkpoint: one line and exit 2 in seconds, no Ray started
+    (runtime.backend stays ray; it took 52 s and actors before)."""
+    start = time.perf_counter()
+    result = _cli("train", tmp_path, "--resume", "auto", extra=("runtime.backend=ray",))
+    assert result.returncode == 2 and time.perf_counter() - start < 60
+    assert "no checkpoint at" in _message(result) and "Ray" not in result.stderr
