@@ -56,7 +56,7 @@ def test_algorithms_quick(tmp_path, capsys):
         assert math.isclose(sum(method["nfe_share"].values()), 1.0)
     assert summary["methods"]["aegpo"]["probe_time_share"] > 0
     assert summary["methods"]["aegpo"]["nfe_share"]["probe"] > 0
-    assert len(summary["targets"]) == 3
+    assert len(summary["targets"]) == 5  # egrpo and both AEGPO readings: NFE; both AEGPO readings: probe share
     for figure in summary["figures"].values():
         _assert_png(Path(figure))
     printed = capsys.readouterr().out

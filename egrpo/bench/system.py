@@ -219,8 +219,9 @@ def scheduler_cost(settings: Settings) -> list[dict[str, Any]]:
             cfg = load_config(recipe(method), [f"data.prompts={prompt_file}", f"plan.prompts_per_iteration={count}"])
             scheduler = Scheduler(cfg)
             generator = torch.Generator().manual_seed(0)
-            probes = ProbeResult(torch.rand(count, cfg.sampler.steps, generator=generator),
-                                 torch.rand(count, cfg.sampler.steps, generator=generator) + 0.5, 0)
+            steps = cfg.aegpo_peak_steps  # what the probe pass measures
+            probes = ProbeResult(torch.rand(count, steps, generator=generator),
+                                 torch.rand(count, steps, generator=generator) + 0.5, 0)
             iterations = itertools.count()
 
             def plan_iteration(scheduler=scheduler, probes=probes, iterations=iterations) -> list:
