@@ -14,6 +14,7 @@ for key, value in {
 }.items():
     os.environ.setdefault(key, value)
 
+import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
@@ -37,3 +38,16 @@ class FileHeadings:
 
 def pytest_configure(config) -> None:
     config.pluginmanager.register(FileHeadings(config), "egrpo-file-headings")
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A local Ray for one test module (RayTrainer's tests). Logical CPUs: the actors ask for up to 4.5; the 2
+    real cores are shared by time."""
+    import ray
+
+    ray.init(address="local", num_cpus=8, include_dashboard=False,
+             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
+                                       "WANDB_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}})
+    yield
+    ray.shutdown()

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_rewards import save_hps, save_imagereward
+from test_rewards import save_reward_folders
 from transformers import BertTokenizer, CLIPTokenizer
 
 from egrpo.cli import check_input_files
@@ -35,10 +35,6 @@ from egrpo.rewards.imagereward import IMAGEREWARD_FILES
 from egrpo.rewards.loading import Needed, require_files
 from egrpo.rewards.tiny import (
     IMAGE_SIZE,
-    build_tiny_clip,
-    save_clip_folder,
-    save_tiny_aesthetic,
-    save_tiny_clip,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,14 +57,7 @@ def healthy(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The tiny pipeline (a FLUX with a VAE, so every kind of component) and the five reward folders."""
     root = tmp_path_factory.mktemp("healthy")
     save_pipeline(build_flux_pipeline(), root / "pipeline", height=32, width=32)
-    save_tiny_clip(root / "clip", seed=0)
-    save_tiny_clip(root / "pickscore", seed=1)
-    save_tiny_aesthetic(root / "aesthetic", seed=2)
-    hps_model, tokenizer = build_tiny_clip(seed=3)
-    save_clip_folder(hps_model, tokenizer, root / "hpsv2" / "clip")
-    save_hps(root / "hpsv2", hps_model)
-    save_imagereward(root / "imagereward", seed=4)
-    return {name: root / name for name in ("pipeline", *MODELS)}
+    return {"pipeline": root / "pipeline", **save_reward_folders(root, MODELS)}
 
 
 def damaged(healthy: dict[str, Path], name: str, damage: Damage, tmp_path: Path) -> Path:

@@ -197,16 +197,28 @@ def imagereward_by_hand(
     return (r.squeeze(-1) - 0.16717362830052426) / 1.0333394966054072
 
 
+def save_reward_folders(root: Path, models: tuple[str, ...]) -> dict[str, Path]:
+    """A tiny folder, in its release layout, for each of `models` (clip and pickscore share the CLIP layout);
+    model k gets seed k."""
+    for seed, model in enumerate(models):
+        folder = root / model
+        if model in ("clip", "pickscore"):
+            save_tiny_clip(folder, seed=seed)
+        elif model == "aesthetic":
+            save_tiny_aesthetic(folder, seed=seed)
+        elif model == "hpsv2":
+            hps_model, tokenizer = build_tiny_clip(seed=seed)
+            save_clip_folder(hps_model, tokenizer, folder / "clip")
+            save_hps(folder, hps_model)
+        else:
+            save_imagereward(folder, seed=seed)
+    return {model: root / model for model in models}
+
+
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("rewards")
-    save_tiny_clip(root / "clip", seed=0)
-    save_tiny_aesthetic(root / "aesthetic", seed=1)
-    hps_model, tokenizer = build_tiny_clip(seed=2)
-    save_clip_folder(hps_model, tokenizer, root / "hpsv2" / "clip")
-    save_hps(root / "hpsv2", hps_model)
-    save_imagereward(root / "imagereward", seed=3)
-    return {m: root / ("clip" if m == "pickscore" else m) for m in MODELS}
+    saved = save_reward_folders(tmp_path_factory.mktemp("rewards"), ("clip", "aesthetic", "hpsv2", "imagereward"))
+    return {m: saved["clip" if m == "pickscore" else m] for m in MODELS}
 
 
 @pytest.fixture(scope="module")

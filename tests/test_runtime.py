@@ -21,16 +21,6 @@ SMALL = ["plan.prompts_per_iteration=2", "plan.group_size=3", "train.eval_every=
          "run.wandb=disabled", "runtime.dashboard=false", "runtime.timeout_s=300"]
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    # Logical CPUs: the actors ask for 4.5 in all; the 2 real cores are shared by time.
-    ray.init(address="local", num_cpus=8, include_dashboard=False,
-             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
-                                       "WANDB_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}})
-    yield
-    ray.shutdown()
-
-
 def _config(run_dir, *overrides):
     return load_config(RECIPE, [f"run.dir={run_dir}", *SMALL, *overrides])
 

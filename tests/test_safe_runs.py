@@ -270,17 +270,6 @@ def test_deepspeed_learner_checkpoint_has_a_manifest(tmp_path: Path):
 # ------------------------------------------------------------------------------------------- Ray (run apart)
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    ray.init(address="local", num_cpus=8, include_dashboard=False,
-             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
-                                       "WANDB_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}})
-    yield
-    ray.shutdown()
-
-
 def test_ray_checkpoint_has_a_verified_manifest(tmp_path: Path, local_ray):
     """RayTrainer's checkpoints (two DeepSpeed learners, ZeRO 2: a shard each) carry a manifest of every file,
     the run keeps its start images, and a truncated shard stops a resume naming it."""

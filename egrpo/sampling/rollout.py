@@ -152,15 +152,20 @@ def run_plan(
         steps = [plans[k].steps[next_step[k]] for k in rows]
         if any(s.start != i for s in steps):
             raise ValueError(f"plan steps are not contiguous at schedule index {i}")
-        inputs = list(dict.fromkeys(state[k] for k in rows))  # distinct states, in row order
-        first_row = {s: next(k for k in rows if state[k] == s) for s in inputs}
+        first_row: dict[int, int] = {}  # each distinct input state -> its first row; in row order
+        for k in rows:
+            first_row.setdefault(state[k], k)
+        input_of = {s: n for n, s in enumerate(first_row)}
         sigma = float(sigmas[i])
-        v, _ = batched_velocity(policy, x[[first_row[s] for s in inputs]], torch.full((len(inputs),), sigma),
-                                [prompts[first_row[s]] for s in inputs], settings.batch_size)
-        calls += len(inputs)
-        edges = list(dict.fromkeys((state[k], s) for k, s in zip(rows, steps, strict=True)))
-        edge_input = [inputs.index(s) for s, _ in edges]
-        x_in, v_in = x[[first_row[s] for s, _ in edges]], v[edge_input]
+        x_inputs = x[list(first_row.values())]
+        v, _ = batched_velocity(policy, x_inputs, torch.full((len(first_row),), sigma),
+                                [prompts[k] for k in first_row.values()], settings.batch_size)
+        calls += len(first_row)
+        edge_rows: dict[tuple, list[int]] = {}  # each distinct (input, step) -> the rows taking it
+        for k, s in zip(rows, steps, strict=True):
+            edge_rows.setdefault((state[k], s), []).append(k)
+        edges = list(edge_rows)
+        x_in, v_in = x[[first_row[s] for s, _ in edges]], v[[input_of[s] for s, _ in edges]]
         sigma_next = torch.tensor([float(sigmas[i + step.length]) for _, step in edges])
         g = torch.tensor([settings.noise.g(sigmas, i) if step.sde else 0.0 for _, step in edges])
         xi = torch.stack([torch.randn(policy.latent_shape, generator=torch.Generator().manual_seed(step.noise_seed))
@@ -169,24 +174,24 @@ def run_plan(
         std = sde_std(g, sigma, sigma_next)
         x_out = mean + per_sample(std, x_in) * xi.to(x_in)
 
-        edge_of_row = {k: edges.index((state[k], s)) for k, s in zip(rows, steps, strict=True)}
         trained = [e for e, (_, step) in enumerate(edges) if step.train]
         if trained:
             logp = gaussian_logprob(x_out[trained], mean[trained], std[trained], settings.reduction)
             for n, e in enumerate(trained):
-                leaves = [k for k in rows if edge_of_row[k] == e]
+                leaves = edge_rows[edges[e]]
                 recorded.append({"sample": leaves[0], "leaves": leaves, "input": edges[e][0], "x_in": x_in[e],
                                  "x_out": x_out[e], "sigma": sigma, "sigma_next": float(sigma_next[e]),
                                  "g": float(g[e]), "logp_old": logp[n], "depth": i + edges[e][1].length})
         if settings.decode_from == "x0_hat":
-            x0 = x0_from_velocity(x[[first_row[s] for s in inputs]], v, sigma)
+            x0 = x0_from_velocity(x_inputs, v, sigma)
             for k in rows:
-                x0_last[k] = x0[inputs.index(state[k])]
-        for k, s in zip(rows, steps, strict=True):
-            x[k] = x_out[edge_of_row[k]]
-            state[k] = states.setdefault((state[k], s), len(states))
-            position[k] = i + s.length
-            next_step[k] += 1
+                x0_last[k] = x0[input_of[state[k]]]
+        for e, (input_state, step) in enumerate(edges):
+            for k in edge_rows[input_state, step]:
+                x[k] = x_out[e]
+                state[k] = states.setdefault((input_state, step), len(states))
+                position[k] = i + step.length
+                next_step[k] += 1
 
     final = x0_last if settings.decode_from == "x0_hat" else x
     images, finite = decode_images(policy, final, settings.decode_batch_size)
