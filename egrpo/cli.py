@@ -12,6 +12,7 @@ from pathlib import Path
 
 from egrpo.config import ConfigError, load_config
 from egrpo.integrity import RunDataError, guard_run_folder
+from egrpo.models.families import FAMILIES
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -305,6 +306,26 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tiny(args: argparse.Namespace) -> int:
+    """Write a tiny random pipeline of a model family in diffusers' layout (the tests' own builders)."""
+    out = Path(args.dir).expanduser()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        print(f"egrpo: {out} exists and is not an empty folder; choose another (nothing was written)",
+              file=sys.stderr)
+        return 2
+    from egrpo.models.families import policy_class
+    from egrpo.models.tiny import save_pipeline
+
+    family = policy_class(args.family)
+    pipe = family.tiny_pipeline(seed=args.seed)
+    save_pipeline(pipe, out, **family.tiny_settings)
+    params = sum(p.numel() for p in pipe.transformer.parameters())
+    print(f"wrote a tiny {type(pipe).__name__} ({type(pipe.transformer).__name__}, {params:,} parameters, "
+          f"random weights, seed {args.seed}) to {out}; try it with any toy recipe: "
+          f"egrpo train launch/configs/toy-egrpo.yaml --set model.path={out}")
+    return 0
+
+
 def cmd_toy_pretrain(args: argparse.Namespace) -> int:
     from egrpo.toyworld.pretrain import pretrain
 
@@ -366,6 +387,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="samples.png")
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("tiny", help="write a tiny random pipeline of a model family (the real classes, diffusers' "
+                                    "layout) to smoke-test a cluster without downloading the real model")
+    p.add_argument("family", choices=list(FAMILIES), help="model family")
+    p.add_argument("dir", help="folder to write (must not exist, or be empty)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    p.set_defaults(func=cmd_tiny)
 
     toy = sub.add_parser("toy", help="the CPU toy world").add_subparsers(dest="toy_command", required=True)
     p = toy.add_parser("pretrain", help="rebuild the toy text-to-image checkpoint by flow matching")

@@ -44,8 +44,9 @@ class ModelConfig:
     lora_rank: int = _f(8, "LoRA rank r")
     lora_alpha: float = _f(8.0, "LoRA alpha (scale = alpha / r)")
     lora_targets: tuple[str, ...] = _f(
-        ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"),
-        "module-name suffixes that get LoRA adapters, or presets: attention, flux, sd3 (egrpo/models/policy.py)",
+        ("attention",),
+        "module-name suffixes that get LoRA adapters, or presets: attention (every family's attention projections) "
+        "or the family's name (attention and MLPs): flux, sd3, qwen-image, flux2, z-image (egrpo/models/families/)",
     )
     learner_text_encoders: bool = _f(
         True, "false: learners free their text encoders (FLUX: ~9.5 GB) and get prompt embeddings from the rollouts"
@@ -63,7 +64,7 @@ class SamplerConfig:
     steps: int = _f(16, "denoising steps T")
     schedule: Literal["shift", "pipeline"] = _f(
         "shift", "sigmas: shift(1 - i/T) (DanceGRPO, VisualGRPO, MixGRPO on FLUX), or the model's own pipeline's "
-        "(Flow-GRPO on SD3; FLUX.1-dev's resolution-dependent shift; egrpo.models.schedules)"
+        "(Flow-GRPO on SD3; FLUX.1-dev's resolution-dependent shift; each family's `pipeline_sigmas`)"
     )
     shift: float = _f(3.0, "schedule shift s in sigma = s t / (1 + (s - 1) t) (schedule: shift)")
     noise: Literal["flow_grpo", "dance"] = _f("flow_grpo", "SDE noise form: g = a sqrt(sigma/(1-sigma)) or g = eta")

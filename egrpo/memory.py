@@ -7,7 +7,8 @@ Architecture
     `load_architecture(cfg)` reads the diffusers config files of `model.path` (model_index.json, then each
     component's config.json) when the folder has them: source "model.path". Otherwise it reads the configs egrpo
     ships for the models its recipes name, matched by the folder's name (egrpo/models/architectures/FLUX.1-dev,
-    .../stable-diffusion-3.5-medium; the published config.json files, no weights): source "shipped". Every
+    stable-diffusion-3.5-medium, Qwen-Image, FLUX.2-dev, FLUX.2-klein-4B, Z-Image-Turbo; the published config
+    files, no weights; SOURCES.md says where each comes from): source "shipped". Every
     component is built from its config under `torch.device("meta")`, which allocates nothing, and its
     parameters are counted exactly. Reward models likewise, from `rewards.paths.<model>`'s config files (the
     layouts in egrpo/rewards/) or from architectures/rewards/<model>/ (the same layouts).
@@ -117,21 +118,18 @@ GB = 1e9
 ARCHITECTURES = Path(__file__).parent / "models" / "architectures"
 CUDA_CONTEXT_BYTES = int(0.5e9)
 DEFAULT_GPU_MEMORY_GB = 80.0  # the recipes' GPUs (A100 / H100 80 GB)
-CLIP_TOKENS = 77  # SD3's CLIP tokens, ahead of T5's in its text sequence
 VAE_DECODE_TENSORS = 11  # bytes per output pixel / (last decoder width x b): 1.35 GiB per 720x720 bf16 image
 LORA_SAVED_FRACTION = {"attention": 0.6, "with_mlp": 0.8}  # LoRA's saved activations / full fine-tuning's
-MLP_LORA_TARGETS = ("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp")
 # DeepSpeed defaults (deepspeed/runtime/zero/config.py): what ZeRO keeps in flight
 REDUCE_BUCKET_ELEMENTS = 500_000_000
 PREFETCH_BUCKET_ELEMENTS = 50_000_000
 SUB_GROUP_ELEMENTS = 1_000_000_000
 ZERO3_SYNC_BUCKETS = 3  # ZeRO-3 broadcast on rank 0: gathered shards, reassembled parameters, flat send buffer
 
-Family = Literal["flux", "sd3"]
 Source = Literal["model.path", "shipped", "rewards.paths", "none"]
-_TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
-_FAMILIES: dict[str, Family] = {"FluxTransformer2DModel": "flux", "SD3Transformer2DModel": "sd3"}
-_SHIPPED_MODELS = {"flux.1-dev": "FLUX.1-dev", "stable-diffusion-3.5-medium": "stable-diffusion-3.5-medium"}
+# the configs egrpo ships (egrpo/models/architectures/, sources in its SOURCES.md), by model.path's folder name
+_SHIPPED_MODELS = {name.lower(): name for name in ("FLUX.1-dev", "stable-diffusion-3.5-medium", "Qwen-Image",
+                                                   "FLUX.2-dev", "FLUX.2-klein-4B", "Z-Image-Turbo")}
 
 
 # ----------------------------------------------------------------------------------------------- architectures
@@ -139,22 +137,21 @@ _SHIPPED_MODELS = {"flux.1-dev": "FLUX.1-dev", "stable-diffusion-3.5-medium": "s
 
 @dataclass(frozen=True)
 class TransformerShape:
-    """What the memory formulas need of a FLUX or SD3 transformer (module docstring), read off the model."""
+    """What the memory formulas need of a transformer (module docstring), read off the model by its family's
+    `memory_shape` (egrpo/models/families/)."""
 
     class_name: str
-    family: Family
+    family: str
     params: int
     buffer_elements: int  # float buffers: cast to model.dtype with the weights
     width: int  # D = heads x head_dim
     heads: int
     mlp_width: int  # F
-    joint_blocks: int  # FLUX double-stream or SD3 joint blocks
-    single_blocks: int  # FLUX single-stream blocks
-    dual_attention_blocks: int  # SD3.5 (MMDiT-X) blocks with a second, image-only attention
+    blocks: tuple[tuple[str, int], ...]  # (kind, count): the family's `saved_elements` has one entry per kind
     qk_rms_norm: bool
     token_channels: int  # C: input elements per image token
-    joint_attention_dim: int  # J: the text states' width
-    pooled_dim: int
+    text_width: int  # J: the text states' width as the transformer takes them
+    pooled_dim: int  # 0 without a pooled text vector
     largest_block_params: int
     largest_parameter: int
 
@@ -199,7 +196,7 @@ def _read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def _count(module: torch.nn.Module) -> tuple[int, int]:
+def count_parameters(module: torch.nn.Module) -> tuple[int, int]:
     """(parameters, float buffer elements) of a module; shared parameters count once."""
     buffers = sum(b.numel() for b in module.buffers() if b.is_floating_point())
     return sum(p.numel() for p in module.parameters()), buffers
@@ -246,42 +243,23 @@ def _lora_params(transformer: torch.nn.Module, targets: list[str], rank: int) ->
 
 
 def transformer_shape(transformer: torch.nn.Module) -> TransformerShape:
-    """The memory-relevant shape of a FluxTransformer2DModel or SD3Transformer2DModel (meta or real)."""
-    class_name = type(transformer).__name__
-    if class_name not in _FAMILIES:
+    """The memory-relevant shape of a transformer of any supported family (meta or real)."""
+    from egrpo.models.families import family_of_transformer
+
+    try:
+        family = family_of_transformer(transformer)
+    except TypeError as e:
         from egrpo.config import ConfigError
 
-        raise ConfigError(f"model.path: egrpo sizes {' and '.join(_FAMILIES)}, not {class_name}")
-    family, config = _FAMILIES[class_name], transformer.config
-    joint = list(transformer.transformer_blocks)
-    single = list(getattr(transformer, "single_transformer_blocks", []))
-    if joint:
-        mlp_width = joint[0].ff.net[0].proj.out_features
-    else:
-        mlp_width = single[0].proj_mlp.out_features
-    params, buffers = _count(transformer)
-    blocks = joint + single
-    if family == "flux":
-        token_channels, dual, rms = config.in_channels, 0, True
-    else:
-        token_channels = config.in_channels * config.patch_size**2
-        dual, rms = len(config.dual_attention_layers or ()), config.qk_norm == "rms_norm"
-    return TransformerShape(
-        class_name=class_name, family=family, params=params, buffer_elements=buffers,
-        width=config.num_attention_heads * config.attention_head_dim, heads=config.num_attention_heads,
-        mlp_width=mlp_width, joint_blocks=len(joint), single_blocks=len(single), dual_attention_blocks=dual,
-        qk_rms_norm=rms, token_channels=token_channels, joint_attention_dim=config.joint_attention_dim,
-        pooled_dim=config.pooled_projection_dim,
-        largest_block_params=max((_count(b)[0] for b in blocks), default=0),
-        largest_parameter=max(p.numel() for p in transformer.parameters()),
-    )
+        raise ConfigError(f"model.path: {e}") from None
+    return family.memory_shape(transformer)
 
 
 def load_architecture(cfg: Config) -> ModelArchitecture:
     """The policy's architecture (module docstring: which folder, which source) at the run's geometry:
     model.height / width / max_sequence_length, else the folder's egrpo.json, else the pipeline's defaults
     (1024 px; 512 T5 tokens), as `FlowPolicy.from_pretrained` resolves them."""
-    from egrpo.models.policy import expand_lora_targets
+    from egrpo.models.families import policy_class
     from egrpo.models.tiny import EGRPO_SETTINGS_FILE
     from egrpo.trainer import resolve_model_path
 
@@ -295,33 +273,35 @@ def load_architecture(cfg: Config) -> ModelArchitecture:
         raise ConfigError(f"model.path: {folder / 'model_index.json'} names no transformer")
     transformer = _build_component(folder / "transformer", *components["transformer"])
     shape = transformer_shape(transformer)
+    family = policy_class(shape.family)
     m = cfg.model
     lora = 0
     if m.finetune == "lora":
-        lora = _lora_params(transformer, expand_lora_targets(m.lora_targets), m.lora_rank)
-    text_encoders = {name: _count(_build_component(folder / name, *components[name]))[0]
-                     for name in _TEXT_ENCODERS if name in components}
+        lora = _lora_params(transformer, family.lora_modules(m.lora_targets), m.lora_rank)
+    text_encoders = {name: count_parameters(_build_component(folder / name, *components[name]))[0]
+                     for name in family.text_encoder_names if name in components}
     settings_file = folder / EGRPO_SETTINGS_FILE
     settings = _read_json(settings_file) if settings_file.is_file() else {}
     vae_params = vae_last_width = vae_tile = 0
+    vae_config = None
     if "vae" in components:
         vae = _build_component(folder / "vae", *components["vae"])
-        vae_params, vae_last_width = _count(vae)[0], vae.config.block_out_channels[0]
-        vae_tile, scale = vae.config.sample_size, 2 ** (len(vae.config.block_out_channels) - 1)
-    else:  # a toy folder's pixel latents (egrpo.models.tiny): the image, pixel-unshuffled
-        scale = settings["pixel_unshuffle"]
-    # FluxPipeline's default_sample_size is 128; SD3's is its transformer's sample_size (also 128)
-    default_size = (128 if shape.family == "flux" else transformer.config.sample_size) * scale
+        vae_config = dict(vae.config)
+        # the decoder's full-resolution width (Qwen's video VAE calls it base_dim) and its tile side
+        vae_params = count_parameters(vae)[0]
+        vae_last_width = vae_config["block_out_channels"][0] if "block_out_channels" in vae_config \
+            else vae_config["base_dim"]
+        vae_tile = getattr(vae, "tile_sample_min_size", None) or vae.tile_sample_min_height
+    scale = family.vae_scale(vae_config, settings)
+    default_size = family.default_size(dict(transformer.config), scale)
     height = m.height or settings.get("height") or default_size
     width = m.width or settings.get("width") or default_size
-    patch = 2 if shape.family == "flux" else transformer.config.patch_size
     sequence = m.max_sequence_length or settings.get("max_sequence_length") or 512
+    image_tokens, text_tokens = family.token_counts(dict(transformer.config), scale, height, width, sequence)
     return ModelArchitecture(
         source=source, folder=folder, transformer=shape, text_encoder_params=text_encoders,
         vae_params=vae_params, vae_last_width=vae_last_width, vae_tile=vae_tile, lora_params=lora,
-        height=height, width=width,
-        image_tokens=(height // scale // patch) * (width // scale // patch),
-        text_tokens=sequence + (CLIP_TOKENS if shape.family == "sd3" else 0),
+        height=height, width=width, image_tokens=image_tokens, text_tokens=text_tokens,
     )
 
 
@@ -375,7 +355,7 @@ def reward_architecture(model: str, path: str | None) -> RewardArchitecture:
                 parts = [clip]
             towers = _clip_towers(config, vision_only=model == "aesthetic")
             image_size = config.vision_config.image_size
-    return RewardArchitecture(model, source, sum(_count(p)[0] for p in parts), towers, image_size)
+    return RewardArchitecture(model, source, sum(count_parameters(p)[0] for p in parts), towers, image_size)
 
 
 def reward_architectures(cfg: Config) -> list[RewardArchitecture]:
@@ -389,7 +369,7 @@ def reward_architectures(cfg: Config) -> list[RewardArchitecture]:
 # ------------------------------------------------------------------------------------ activation formulas
 
 
-def _fp32_copy_units(dtype_bytes: int) -> float:
+def fp32_copy_units(dtype_bytes: int) -> float:
     """r: extra b-sized units of an fp32 copy of a b-byte tensor (2 in 16-bit; 0 in fp32: no copy there)."""
     return 4 / dtype_bytes if dtype_bytes < 4 else 0.0
 
@@ -397,31 +377,28 @@ def _fp32_copy_units(dtype_bytes: int) -> float:
 def block_saved_elements(t: TransformerShape, image_tokens: int, text_tokens: int,
                          dtype_bytes: int) -> dict[str, float]:
     """Elements each kind of block keeps for backward, per row, under full fine-tuning (module docstring)."""
-    d, f, n = t.width, t.mlp_width, image_tokens + text_tokens
-    norms = (4 + 2 * _fp32_copy_units(dtype_bytes)) * d if t.qk_rms_norm else 0.0
-    return {
-        "joint": n * (13 * d + 2 * f + norms),
-        "single": n * (9 * d + 2 * f + norms),
-        "dual": image_tokens * (6 * d + norms),
-        "outside": image_tokens * (t.token_channels + 3 * d) + text_tokens * t.joint_attention_dim,
-    }
+    from egrpo.models.families import policy_class
+
+    return policy_class(t.family).saved_elements(t, image_tokens, text_tokens, dtype_bytes)
 
 
 def inference_working_set(t: TransformerShape, image_tokens: int, text_tokens: int, dtype_bytes: int) -> float:
     """Bytes alive in one row's transformer call without autograd, at its largest block (module docstring)."""
-    d, f, n = t.width, t.mlp_width, image_tokens + text_tokens
-    if t.family == "flux":
-        elements = n * (2 * f + (10 if dtype_bytes < 4 else 7.5) * d)
-    else:
-        elements = max(image_tokens, text_tokens) * 2 * f + n * 5 * d
-    return elements * dtype_bytes
+    from egrpo.models.families import policy_class
+
+    return policy_class(t.family).inference_elements(t, image_tokens, text_tokens, dtype_bytes) * dtype_bytes
 
 
-def lora_saved_fraction(finetune: str, lora_targets: list[str]) -> float:
-    """Saved activations relative to full fine-tuning: 1 for full, LORA_SAVED_FRACTION for an adapter."""
+def lora_saved_fraction(t: TransformerShape, finetune: str, lora_targets: tuple[str, ...]) -> float:
+    """Saved activations relative to full fine-tuning: 1 for full, LORA_SAVED_FRACTION for an adapter (with MLPs
+    when it adapts anything beyond the family's attention preset)."""
+    from egrpo.models.families import policy_class
+
     if finetune == "full":
         return 1.0
-    return LORA_SAVED_FRACTION["with_mlp" if set(lora_targets) & set(MLP_LORA_TARGETS) else "attention"]
+    family = policy_class(t.family)
+    beyond_attention = set(family.lora_modules(lora_targets)) - set(family.lora_modules(("attention",)))
+    return LORA_SAVED_FRACTION["with_mlp" if beyond_attention else "attention"]
 
 
 def transformer_activations(
@@ -434,14 +411,12 @@ def transformer_activations(
     working set, or the largest trained parameter's gradient, or with `reference_forward` the no-grad forward of
     the KL term's reference policy). Module docstring."""
     per_kind = block_saved_elements(t, image_tokens, text_tokens, dtype_bytes)
-    blocks = {"joint": t.joint_blocks, "single": t.single_blocks, "dual": t.dual_attention_blocks}
     if checkpointing:
-        largest_block = max(per_kind["joint"] + (per_kind["dual"] if t.dual_attention_blocks else 0),
-                            per_kind["single"] if t.single_blocks else 0)
-        inputs = (t.joint_blocks + t.single_blocks) * (image_tokens + text_tokens) * t.width
+        largest_block = max(per_kind[kind] for kind, count in t.blocks if count)
+        inputs = sum(count for _, count in t.blocks) * (image_tokens + text_tokens) * t.width
         block_elements = inputs + saved_fraction * largest_block
     else:
-        block_elements = saved_fraction * sum(per_kind[kind] * count for kind, count in blocks.items())
+        block_elements = saved_fraction * sum(per_kind[kind] * count for kind, count in t.blocks)
     saved = rows * (block_elements + per_kind["outside"]) * dtype_bytes
     backward = max(rows * (image_tokens + text_tokens) * t.mlp_width * dtype_bytes, largest_gradient_bytes)
     if reference_forward:
@@ -546,10 +521,10 @@ def workload(cfg: Config) -> Workload:
 
 
 def _prompt_bytes(arch: ModelArchitecture, dtype_bytes: int) -> float:
-    """One cached prompt's conditioning (egrpo.models.policy): text states, pooled, FLUX's text position ids."""
-    t = arch.transformer
-    ids = 3 * arch.text_tokens if t.family == "flux" else 0
-    return (arch.text_tokens * t.joint_attention_dim + t.pooled_dim + ids) * dtype_bytes
+    """One cached prompt's conditioning (egrpo.models.policy), as its family counts it."""
+    from egrpo.models.families import policy_class
+
+    return policy_class(arch.transformer.family).prompt_elements(arch.transformer, arch.text_tokens) * dtype_bytes
 
 
 def rollout_memory(cfg: Config, arch: ModelArchitecture, work: Workload) -> RoleMemory:
@@ -592,7 +567,7 @@ def rollout_memory(cfg: Config, arch: ModelArchitecture, work: Workload) -> Role
 
 def learner_memory(cfg: Config, arch: ModelArchitecture, work: Workload) -> RoleMemory:
     """Learner rank 0, the one that also sends the weights (module docstring)."""
-    from egrpo.models.policy import PROMPT_CACHE_SIZE, expand_lora_targets
+    from egrpo.models.policy import PROMPT_CACHE_SIZE
 
     t, m, r, b = arch.transformer, cfg.model, cfg.runtime, _dtype_bytes(cfg)
     full, zero, ranks = m.finetune == "full", r.zero_stage, r.learners
@@ -623,7 +598,7 @@ def learner_memory(cfg: Config, arch: ModelArchitecture, work: Workload) -> Role
     activations = transformer_activations(
         t, image_tokens=arch.image_tokens, text_tokens=arch.text_tokens, rows=work.learner_rows, dtype_bytes=b,
         checkpointing=m.gradient_checkpointing,
-        saved_fraction=lora_saved_fraction(m.finetune, expand_lora_targets(m.lora_targets)),
+        saved_fraction=lora_saved_fraction(t, m.finetune, m.lora_targets),
         largest_gradient_bytes=t.largest_parameter * b if full else 0, reference_forward=cfg.train.kl_beta > 0)
     gathered = (t.largest_block_params + PREFETCH_BUCKET_ELEMENTS) * b if zero == 3 else 0
     step_elements = trained / optimizer_share

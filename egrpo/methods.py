@@ -52,14 +52,14 @@ def schedule_sigmas(cfg: Config) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=8)
 def _pipeline_schedule(model: ModelConfig, steps: int) -> torch.Tensor:
-    """egrpo.models.schedules.pipeline_sigmas from model.path's configs (or the shipped ones, as `egrpo plan
+    """The model family's `pipeline_sigmas` from model.path's configs (or the shipped ones, as `egrpo plan
     --memory` reads them) at the run's image size; cached, since plans ask for it every iteration."""
     from egrpo.memory import load_architecture
-    from egrpo.models.schedules import pipeline_sigmas
+    from egrpo.models.families import policy_class
 
     arch = load_architecture(Config(model=model))
     scheduler_config = json.loads((arch.folder / "scheduler" / "scheduler_config.json").read_text())
-    return pipeline_sigmas(scheduler_config, arch.transformer.family, steps, arch.image_tokens)
+    return policy_class(arch.transformer.family).pipeline_sigmas(scheduler_config, steps, arch.image_tokens)
 
 
 def egrpo_merge_lengths(cfg: Config) -> list[int]:

@@ -86,7 +86,8 @@ from egrpo.batch import Batch
 from egrpo.config import TrainConfig
 from egrpo.learner import GRPOLearner
 from egrpo.models.policy import FlowPolicy
-from egrpo.models.tiny import build_flux_pipeline, save_pipeline
+from egrpo.models.families.flux import build_flux_pipeline
+from egrpo.models.tiny import save_pipeline
 from egrpo.runtime.learner import DeepSpeedLearner, LearnerSettings, free_port
 
 SETTINGS = [("lora", 0), ("lora", 2), ("full", 1), ("full", 3)]  # bf16 full weights need ZeRO >= 1

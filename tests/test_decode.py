@@ -12,8 +12,9 @@ import torch
 from egrpo.batch import Batch
 from egrpo.config import from_dict
 from egrpo.images import to_float_images, to_uint8_images
+from egrpo.models.families.flux import FluxPolicy, build_flux_pipeline
 from egrpo.models.policy import FlowPolicy
-from egrpo.models.tiny import build_flux_pipeline, save_pipeline
+from egrpo.models.tiny import save_pipeline
 from egrpo.rewards.base import build_reward_models, score_all, score_samples
 from egrpo.rewards.tiny import save_tiny_clip
 from egrpo.sampling.plans import ode_plan
@@ -27,7 +28,7 @@ SEEDS = [0, 1, 2, 3, 4]
 
 def vae_policy(size: int = 32) -> FlowPolicy:
     """A tiny FLUX pipeline with a real AutoencoderKL (2x downsampling)."""
-    return FlowPolicy(build_flux_pipeline(), family="flux", height=size, width=size, max_sequence_length=16)
+    return FluxPolicy(build_flux_pipeline(), height=size, width=size, max_sequence_length=16)
 
 
 def record_batch_sizes(policy: FlowPolicy) -> dict[str, list[int]]:

@@ -20,8 +20,8 @@ from egrpo.entropy.attention import (
     probed_attentions,
     sample_rows,
 )
+from egrpo.models.families.sd3 import build_sd3_pipeline
 from egrpo.models.policy import FlowPolicy
-from egrpo.models.tiny import build_sd3_pipeline
 
 TOY_CHECKPOINT = Path(egrpo.toyworld.__file__).parent / "checkpoint"
 PROMPTS = ["a red circle", "a blue square"]
@@ -329,5 +329,5 @@ def test_unsupported_models_and_settings_are_refused() -> None:
     AttentionEntropyProbe(model, ProbeSettings(blocks=(0,)))  # the other block is still fine
     with pytest.raises(TypeError, match="AttnProcessor2_0"):
         AttentionEntropyProbe(model, ProbeSettings())
-    with pytest.raises(TypeError, match="FLUX and SD3"):
+    with pytest.raises(TypeError, match="egrpo supports the transformers .*, not Linear"):
         AttentionEntropyProbe(torch.nn.Linear(2, 2), ProbeSettings())

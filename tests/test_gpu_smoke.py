@@ -18,7 +18,8 @@ import torch
 from diffusers import FluxTransformer2DModel
 
 from egrpo.config import from_dict
-from egrpo.models.tiny import build_flux_pipeline, save_pipeline
+from egrpo.models.families.flux import build_flux_pipeline
+from egrpo.models.tiny import save_pipeline
 from egrpo.trainer import Trainer
 
 pytestmark = pytest.mark.skipif(

@@ -25,8 +25,9 @@ from transformers import BertTokenizer, CLIPTokenizer
 
 from egrpo.cli import check_input_files
 from egrpo.config import ConfigError, load_config
+from egrpo.models.families.flux import build_flux_pipeline
 from egrpo.models.folder import check_pipeline_folder
-from egrpo.models.tiny import build_flux_pipeline, save_pipeline
+from egrpo.models.tiny import save_pipeline
 from egrpo.rewards.aesthetic import AESTHETIC_FILES
 from egrpo.rewards.base import REWARD_NAMES, build_reward_models, check_reward_folder, score_all
 from egrpo.rewards.clip import CLIP_FILES

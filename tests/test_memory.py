@@ -27,8 +27,9 @@ from egrpo.memory import (
     transformer_activations,
     transformer_shape,
 )
-from egrpo.models.policy import expand_lora_targets
-from egrpo.models.tiny import build_flux_pipeline, build_sd3_pipeline, save_pipeline
+from egrpo.models.families.flux import build_flux_pipeline
+from egrpo.models.families.sd3 import SD3Policy, build_sd3_pipeline
+from egrpo.models.tiny import save_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "launch" / "configs"
@@ -129,11 +130,11 @@ def test_estimates_match_measured_peaks_of_an_sd35_wide_model():
         num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
         pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=8, dual_attention_layers=(0,), qk_norm="rms_norm").eval()
     cfg = load_config(CONFIGS / "sd35-egrpo.yaml")
-    targets = expand_lora_targets(cfg.model.lora_targets)
+    targets = SD3Policy.lora_modules(cfg.model.lora_targets)
     transformer.requires_grad_(False)
     transformer.add_adapter(LoraConfig(r=cfg.model.lora_rank, lora_alpha=cfg.model.lora_alpha,
                                        target_modules=targets))
-    fraction = lora_saved_fraction("lora", targets)
+    fraction = lora_saved_fraction(transformer_shape(transformer), "lora", cfg.model.lora_targets)
     latent, text_tokens = 16, 77 + 16
     image_tokens = image_tokens_of(transformer, latent)
     for rows, training, checkpointing in [(2, False, False), (1, True, False), (1, True, True)]:

@@ -24,7 +24,8 @@ from egrpo.batch import Batch
 from egrpo.checkpoint import save_checkpoint, save_torch_optimizer
 from egrpo.config import Config, from_dict
 from egrpo.learner import GRPOLearner
-from egrpo.models.tiny import build_flux_pipeline, save_pipeline
+from egrpo.models.families.flux import build_flux_pipeline
+from egrpo.models.tiny import save_pipeline
 from egrpo.runtime.learner import (
     DeepSpeedLearner,
     LearnerActor,

@@ -18,7 +18,7 @@ import torch
 
 from egrpo import cli
 from egrpo.bench import scale
-from egrpo.models.tiny import build_wide_sd3_pipeline
+from egrpo.models.families.sd3 import build_wide_sd3_pipeline
 
 REPO = Path(__file__).parents[1]
 GPU_CHECK = REPO / "launch" / "gpu-check.sh"

@@ -28,8 +28,8 @@ from egrpo.bench.common import median_seconds, table
 from egrpo.config import TrainConfig
 from egrpo.entropy.attention import AttentionEntropyProbe, ProbeSettings
 from egrpo.learner import GRPOLearner, make_minibatches
+from egrpo.models.families.flux import FluxPolicy, build_flux_pipeline
 from egrpo.models.policy import FlowPolicy
-from egrpo.models.tiny import build_flux_pipeline
 from egrpo.sampling.plans import grpo_plan
 from egrpo.sampling.rollout import SamplerSettings, anchor_latents, run_plan
 from egrpo.sampling.steps import NoiseSpec, sigma_schedule
@@ -73,8 +73,8 @@ def flux_policy(spec: FluxSpec, device: torch.device, dtype: torch.dtype) -> Flo
                                    text_dim=spec.text_dim, guidance_embeds=True, vae=False,
                                    pixel_unshuffle=PIXEL_UNSHUFFLE)
     side = 4 * math.isqrt(spec.image_tokens)  # pixel-unshuffle by 2, then FLUX's 2x2 packing
-    return FlowPolicy(pipe, family="flux", height=side, width=side, max_sequence_length=spec.text_tokens,
-                      pixel_unshuffle=PIXEL_UNSHUFFLE)
+    return FluxPolicy(pipe, height=side, width=side, max_sequence_length=spec.text_tokens,
+                      settings={"pixel_unshuffle": PIXEL_UNSHUFFLE})
 
 
 def _peak_gib(device: torch.device) -> float | None:

@@ -209,7 +209,8 @@ def train(trainer: Any, start: int, stop: int, overrides: list[str]) -> dict[str
 
 def build_tiny(folder: Path) -> Path:
     """Save the bigger tiny FLUX (TINY_MODEL) under `folder`, as a model.path."""
-    from egrpo.models.tiny import build_flux_pipeline, save_pipeline
+    from egrpo.models.families.flux import build_flux_pipeline
+    from egrpo.models.tiny import save_pipeline
 
     pipe = build_flux_pipeline(**TINY_MODEL)
     save_pipeline(pipe, folder, height=TINY_SIZE, width=TINY_SIZE, pixel_unshuffle=TINY_MODEL["pixel_unshuffle"],

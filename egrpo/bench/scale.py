@@ -46,7 +46,8 @@ import torch
 
 from egrpo.bench.common import describe_machine, machine, peak_rss_mb, table, write_summary
 from egrpo.config import Config, from_dict
-from egrpo.models.tiny import build_wide_sd3_pipeline, save_pipeline
+from egrpo.models.families.sd3 import build_wide_sd3_pipeline
+from egrpo.models.tiny import save_pipeline
 from egrpo.runtime.driver import ClusterError, RayTrainer
 
 MiB = 2**20

@@ -18,15 +18,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-Family = Literal["flux", "sd3"]
-
-# model_index.json's _class_name -> the family FlowPolicy runs it as (policy.py maps these to the classes).
-SUPPORTED_PIPELINES: dict[str, Family] = {
-    "FluxPipeline": "flux",
-    "StableDiffusion3Pipeline": "sd3",
-}
+from egrpo.models.families import PIPELINE_FAMILIES
 
 # The weights files each library's from_pretrained reads from a model component's folder (no variant: egrpo
 # loads none), a single file or a shard index.
@@ -69,7 +63,7 @@ def component_files(folder: Path, library: str, class_name: str) -> list[Path]:
 
 def check_pipeline_folder(path: str | Path) -> dict[str, Any]:
     """The parsed model_index.json of the pipeline folder at `path`, once the folder is one egrpo can load:
-    the index exists and is JSON, names a pipeline in SUPPORTED_PIPELINES, and every non-null component's
+    the index exists and is JSON, names a pipeline in PIPELINE_FAMILIES, and every non-null component's
     folder holds the files it is loaded from (`component_files`). Reads no weights. FileNotFoundError for a
     missing file, ValueError for a wrong one; each message is one line naming the file."""
     path = Path(path).expanduser()
@@ -85,8 +79,8 @@ def check_pipeline_folder(path: str | Path) -> dict[str, Any]:
     if not isinstance(index, dict):
         raise ValueError(f"{index_file} is not a diffusers model_index.json (not a JSON object)")
     name = index.get("_class_name")
-    if name not in SUPPORTED_PIPELINES:
-        supported = ", ".join(sorted(SUPPORTED_PIPELINES))
+    if name not in PIPELINE_FAMILIES:
+        supported = ", ".join(sorted(PIPELINE_FAMILIES))
         raise ValueError(f"{index_file} names a {name}; egrpo supports {supported}")
     for component, spec in index.items():
         # metadata (_class_name, ...), a component saved as absent ([null, null]) or a config value: no folder

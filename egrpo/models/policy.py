@@ -1,17 +1,23 @@
-"""The policy adapter: a diffusers FLUX or SD3 pipeline seen as the velocity field v_theta(x, sigma, c).
+"""The policy adapter: a diffusers text-to-image pipeline seen as the velocity field v_theta(x, sigma, c).
 
 Samplers, rollouts and losses only ever call `encode_prompts`, `initial_noise`, `velocity` and `decode`, on
-latents in one fixed per-sample shape (`latent_shape`), so the model family stays a detail of this module.
-The two families differ only in small, explicit places (`if self.family == "flux"`):
+latents in one fixed per-sample shape (`latent_shape`), so the model family stays a detail of the policy.
+`FlowPolicy` holds what every family shares (the prompt cache, classifier-free guidance, finetuning, the
+reference policy, saving); each family's file in egrpo/models/families/ subclasses it and fills in the hooks
+below, and nothing else differs between families:
 
-- FLUX works on *packed* latents, (tokens, 4 C) with 2x2 latent patches per token, exactly as
-  `FluxPipeline._pack_latents` makes them; its transformer takes timestep = sigma (the pipeline divides the
-  scheduler's sigma * 1000 by 1000), an optional distilled-guidance value, and position ids.
-- SD3 works on (C, h, w) latents; its transformer takes timestep = sigma * 1000. No CFG is done here.
+    class attributes   family, text_encoder_names, lora_presets, supports_cfg, tiny_settings
+    latents            _latent_shapes (one sample's noise as the pipeline draws it, and the sampler's shape),
+                       _pack / _unpack (between the two), _vae_decode / _vae_encode (the VAE and its scaling)
+    conditioning       _encode (the pipeline's own prompt encoding, batch-first, one shape for every prompt)
+    transformer        _call (one conditional transformer call: the family's timestep convention, guidance
+                       embedding, position ids, masks), _guide (how CFG combines the two halves)
+    class methods      vae_scale, default_size, tiny_pipeline, pipeline_sigmas (its scheduler), the entropy probe's
+                       attention_modules / check_probe_support / probe_call / probe_query_key, and the memory
+                       plan's memory_shape / saved_elements / inference_elements / token_counts /
+                       prompt_elements
 
-A FLUX pipeline saved without a VAE (`egrpo.models.tiny`) has *pixel* latents: the image in [-1, 1],
-pixel-unshuffled by the factor in the folder's `egrpo.json`. That is the toy world's exactly invertible
-stand-in for an autoencoder.
+`FlowPolicy.from_pretrained(path)` reads model_index.json and builds the family's subclass.
 """
 
 from __future__ import annotations
@@ -19,82 +25,67 @@ from __future__ import annotations
 import copy
 import json
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
+import diffusers
 import torch
-import torch.nn.functional as F
-from diffusers import FluxPipeline, StableDiffusion3Pipeline
+from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from diffusers.training_utils import cast_training_params
 from diffusers.utils import logging as diffusers_logging
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from transformers.utils import logging as transformers_logging
 
-from egrpo.models.folder import SUPPORTED_PIPELINES, Family, check_pipeline_folder
+from egrpo.models.families import PIPELINE_FAMILIES, policy_class
+from egrpo.models.folder import check_pipeline_folder
 from egrpo.models.tiny import EGRPO_SETTINGS_FILE
 
+if TYPE_CHECKING:
+    from egrpo.memory import TransformerShape
+
 FinetuneMode = Literal["lora", "full"]
-
-# model_index.json's _class_name -> (family, pipeline class); the names live in egrpo.models.folder, which the
-# CLI's pre-flight check reads without importing diffusers.
-_CLASSES: dict[Family, type] = {"flux": FluxPipeline, "sd3": StableDiffusion3Pipeline}
-_PIPELINES: dict[str, tuple[Family, type]] = {
-    name: (family, _CLASSES[family]) for name, family in SUPPORTED_PIPELINES.items()
-}
-
-# The attention projections of both FLUX's and SD3's joint blocks (image and text streams). FLUX's single
-# blocks reuse to_q/to_k/to_v.
-DEFAULT_LORA_TARGETS: tuple[str, ...] = (
-    "to_q",
-    "to_k",
-    "to_v",
-    "to_out.0",
-    "add_q_proj",
-    "add_k_proj",
-    "add_v_proj",
-    "to_add_out",
-)
 PROMPT_CACHE_SIZE = 256  # prompts whose conditioning a policy keeps (FLUX: 4 MB each)
-_FEED_FORWARD = ("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2")
-# Names that `model.lora_targets` may use for a family's attention and MLP projections together (Flow-GRPO's
-# SD3 LoRA adapts attention only: the `attention` preset); any other entry is a module-name suffix, as peft
-# reads it.
-LORA_PRESETS: dict[str, tuple[str, ...]] = {
-    "attention": DEFAULT_LORA_TARGETS,
-    "flux": DEFAULT_LORA_TARGETS + _FEED_FORWARD + ("proj_mlp",),  # proj_mlp: the single blocks' MLP input
-    "sd3": DEFAULT_LORA_TARGETS + _FEED_FORWARD,
-}
 
-
-def expand_lora_targets(targets: tuple[str, ...]) -> list[str]:
-    """Module-name suffixes for peft, with preset names (LORA_PRESETS) replaced by their modules."""
-    return list(dict.fromkeys(m for t in targets for m in LORA_PRESETS.get(t, (t,))))
+# The attention projections of a double-stream (MMDiT) block, image and text streams, under diffusers' names.
+# Families whose blocks name them differently define their own "attention" preset.
+ATTENTION_PROJECTIONS: tuple[str, ...] = (
+    "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+)
 
 
 class FlowPolicy:
-    """A flow-matching text-to-image model as an RL policy (see the module docstring)."""
+    """A flow-matching text-to-image model as an RL policy (see the module docstring). Construct a family's
+    subclass through `from_pretrained`."""
+
+    family: ClassVar[str]
+    text_encoder_names: ClassVar[tuple[str, ...]] = ("text_encoder",)
+    # `model.lora_targets` may name these presets; every family has "attention" (the default) and one named
+    # after itself (attention and MLPs). Any other entry is a module-name suffix, as peft reads it.
+    lora_presets: ClassVar[dict[str, tuple[str, ...]]]
+    supports_cfg: ClassVar[bool] = False  # whether cfg_scale > 1 (true classifier-free guidance) applies
+    # what `egrpo tiny` writes into egrpo.json for the family's tiny twin
+    tiny_settings: ClassVar[dict[str, Any]] = {"height": 32, "width": 32, "max_sequence_length": 16}
 
     def __init__(
         self,
-        pipe: FluxPipeline | StableDiffusion3Pipeline,
+        pipe: DiffusionPipeline,
         *,
-        family: Family,
         height: int,
         width: int,
         guidance: float = 3.5,
         max_sequence_length: int = 512,
-        pixel_unshuffle: int | None = None,
         cfg_scale: float = 1.0,
+        settings: dict[str, Any] | None = None,
     ) -> None:
-        """Wrap a loaded pipeline; most callers want `from_pretrained`. `pixel_unshuffle` is required exactly
-        when the pipeline has no VAE. `cfg_scale` > 1 turns on classifier-free guidance (SD3 only: FLUX.1-dev's
-        guidance is distilled into `guidance`)."""
-        if cfg_scale != 1.0 and family != "sd3":
-            raise ValueError(f"classifier-free guidance (cfg_scale={cfg_scale}) is for SD3; FLUX uses `guidance`")
-        self.family: Family = family
+        """Wrap a loaded pipeline of this family; most callers want `from_pretrained`. `cfg_scale` > 1 turns on
+        classifier-free guidance where the family has it (`supports_cfg`); `guidance` is the distilled guidance
+        of families with a guidance embedding. `settings` is the folder's egrpo.json."""
+        if cfg_scale != 1.0 and not self.supports_cfg:
+            raise ValueError(f"classifier-free guidance (cfg_scale={cfg_scale}) is not used by {self.family}; "
+                             "its guidance, if any, is distilled into `guidance`")
         self.pipe = pipe
         self.transformer: torch.nn.Module = pipe.transformer
         self.device: torch.device = pipe.transformer.device
@@ -103,31 +94,8 @@ class FlowPolicy:
         self.guidance = guidance
         self.cfg_scale = cfg_scale
         self.max_sequence_length = max_sequence_length
-        self.pixel_unshuffle = pixel_unshuffle
-
-        if pipe.vae is None:
-            if family != "flux" or pixel_unshuffle is None:
-                raise ValueError("only FLUX pipelines may lack a VAE, and then `pixel_unshuffle` is required")
-            # The pipeline assumes 8x when it has no VAE; make its own latent geometry (prepare_latents,
-            # _unpack_latents, and so a plain pipe(...) call) match the pixel latents.
-            pipe.vae_scale_factor = pixel_unshuffle
-        elif pixel_unshuffle is not None:
-            raise ValueError("`pixel_unshuffle` only applies to a pipeline without a VAE")
-        scale = pipe.vae_scale_factor
-        patch = 2 if family == "flux" else pipe.transformer.config.patch_size
-        if height % (scale * patch) or width % (scale * patch):
-            raise ValueError(f"height and width must be multiples of {scale * patch}, got {height}x{width}")
-        # One sample's unpacked latent, as the pipeline's prepare_latents draws it.
-        channels = self.transformer.config.in_channels // (4 if family == "flux" else 1)
-        self._unpacked_shape = (channels, height // scale, width // scale)
-        if family == "flux":
-            tokens = (height // scale // 2) * (width // scale // 2)
-            self.latent_shape: tuple[int, ...] = (tokens, 4 * channels)
-            self._img_ids = pipe._prepare_latent_image_ids(
-                1, height // scale // 2, width // scale // 2, self.device, self.dtype
-            )
-        else:
-            self.latent_shape = self._unpacked_shape
+        self.settings = settings or {}
+        self._noise_shape, self.latent_shape = self._latent_shapes()
 
         # Everything is frozen and in eval mode (no dropout: log-prob ratios must be exactly 1 on replay)
         # until setup_finetune makes part of the transformer trainable.
@@ -152,52 +120,188 @@ class FlowPolicy:
         max_sequence_length: int = 0,
         cfg_scale: float = 1.0,
     ) -> FlowPolicy:
-        """Load a diffusers FLUX or SD3 folder from local disk (never the hub).
+        """Load a diffusers pipeline folder of any supported family from local disk (never the hub), as that
+        family's subclass.
 
-        Size 0 means: the folder's `egrpo.json` if it has one, else the pipeline's own default (FLUX: 1024);
-        max_sequence_length 0 likewise, else 512 (FLUX.1-dev's T5 length).
-        Components saved as null (e.g. a missing VAE) are passed to diffusers as None explicitly, which is
-        the only way its `from_pretrained` accepts such a folder.
+        Size 0 means: the folder's `egrpo.json` if it has one, else the family's `default_size`;
+        max_sequence_length 0 likewise, else 512. Components saved as null (e.g. a missing VAE) are passed to
+        diffusers as None explicitly, which is the only way its `from_pretrained` accepts such a folder.
         """
         path = Path(path)
         index = check_pipeline_folder(path)  # the CLI's pre-flight check: one line naming a missing file
-        family, pipeline_class = _PIPELINES[index["_class_name"]]
+        family = policy_class(PIPELINE_FAMILIES[index["_class_name"]])
+        if cls is not FlowPolicy and not issubclass(family, cls):
+            raise ValueError(f"{path} holds a {index['_class_name']}, not a {cls.family} pipeline")
         null_components = {name: None for name, spec in index.items() if spec == [None, None]}
         diffusers_logging.disable_progress_bar()  # egrpo shows its own progress; N actors x 6 bars is noise
         transformers_logging.disable_progress_bar()
-        pipe = pipeline_class.from_pretrained(path, dtype=dtype, local_files_only=True, **null_components)
+        pipe = getattr(diffusers, index["_class_name"]).from_pretrained(path, dtype=dtype, local_files_only=True, **null_components)
         pipe.to(device)
 
         settings_file = path / EGRPO_SETTINGS_FILE
         settings = json.loads(settings_file.read_text()) if settings_file.is_file() else {}
-        pixel_unshuffle = settings.get("pixel_unshuffle")
-        default_size = pipe.default_sample_size * (pixel_unshuffle or pipe.vae_scale_factor)
-        return cls(
+        vae = getattr(pipe, "vae", None)
+        vae_scale = family.vae_scale(None if vae is None else dict(vae.config), settings)
+        default_size = family.default_size(dict(pipe.transformer.config), vae_scale)
+        return family(
             pipe,
-            family=family,
             height=height or settings.get("height") or default_size,
             width=width or settings.get("width") or default_size,
             guidance=guidance,
             max_sequence_length=max_sequence_length or settings.get("max_sequence_length") or 512,
-            pixel_unshuffle=pixel_unshuffle,
             cfg_scale=cfg_scale,
+            settings=settings,
         )
+
+    # --------------------------------------------------------------------------------- the family's hooks
+
+    @classmethod
+    def vae_scale(cls, vae_config: dict[str, Any] | None, settings: dict[str, Any]) -> int:
+        """Image pixels per latent pixel along a side, from the VAE's config (here an AutoencoderKL's: each
+        block after the first halves the resolution)."""
+        return 2 ** (len(vae_config["block_out_channels"]) - 1)
+
+    @classmethod
+    def default_size(cls, transformer_config: dict[str, Any], vae_scale: int) -> int:
+        """The image side the family's pipeline samples at when given no height or width."""
+        raise NotImplementedError
+
+    def _latent_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(one sample's noise as the pipeline's prepare_latents draws it, one sample's latent as the sampler
+        and the transformer see it); refuses image sizes the pipeline cannot make."""
+        raise NotImplementedError
+
+    def _encode(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """The transformer's conditioning of `prompts`, from the pipeline's own prompt encoding: batch-first,
+        and every prompt's tensors the same shape (pad variable-length text to max_sequence_length with a mask,
+        and let `_call` trim it), so prompts may be cached, stacked and concatenated one by one."""
+        raise NotImplementedError
+
+    def _pack(self, latents: torch.Tensor) -> torch.Tensor:
+        """Noise-shaped (B, *noise shape) latents to the sampler's (B, *latent_shape); inverse of `_unpack`."""
+        return latents
+
+    def _unpack(self, latents: torch.Tensor) -> torch.Tensor:
+        return latents
+
+    def _vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Unpacked latents to images (B, 3, H, W) in [-1, 1], float32; here an AutoencoderKL with the config's
+        scaling and shift (FLUX.1, SD3, Z-Image)."""
+        vae = self.pipe.vae
+        latents = latents.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
+        return vae.decode(latents, return_dict=False)[0].float()
+
+    def _vae_encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] to unpacked float32 latents, the posterior's mode (deterministic)."""
+        vae = self.pipe.vae
+        posterior = vae.encode(images.to(vae.dtype)).latent_dist
+        return ((posterior.mode() - vae.config.shift_factor) * vae.config.scaling_factor).float()
+
+    def _call(
+        self, model: torch.nn.Module, hidden: torch.Tensor, sigma: torch.Tensor, cond: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """One transformer call on `hidden` (B, *latent_shape) in the model's dtype at `sigma` (B,) float32 in
+        [0, 1]: the velocity v ~ eps - x0 (families whose model predicts -v negate it here)."""
+        raise NotImplementedError
+
+    def _guide(self, uncond: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """Classifier-free guidance: v = v_uncond + s (v_cond - v_uncond)."""
+        return uncond + self.cfg_scale * (cond - uncond)
+
+    @classmethod
+    def tiny_pipeline(cls, seed: int = 0) -> DiffusionPipeline:
+        """A tiny random pipeline of this family's real classes, deterministic given `seed` (`egrpo tiny`)."""
+        raise NotImplementedError
+
+    @classmethod
+    def pipeline_sigmas(
+        cls, scheduler_config: dict[str, Any], steps: int, image_tokens: int
+    ) -> torch.Tensor:
+        """float64 sigmas (T + 1, the last 0) of the family pipeline's own sampling loop at `steps` steps for an
+        image of `image_tokens` transformer tokens (`sampler.schedule: pipeline`)."""
+        raise NotImplementedError
+
+    # entropy probe (egrpo/entropy/attention.py) ---------------------------------------------------------
+
+    @classmethod
+    def attention_modules(cls, transformer: torch.nn.Module) -> list[torch.nn.Module]:
+        """The attention modules the probe can measure, in forward order (`ProbeSettings.blocks` counts them)."""
+        raise NotImplementedError
+
+    @classmethod
+    def check_probe_support(cls, attn: torch.nn.Module) -> None:
+        """Raise if `probe_query_key` does not mirror this module's processor (its Q/K lines)."""
+        raise NotImplementedError
+
+    @classmethod
+    def probe_call(cls, transformer_inputs: dict[str, Any]) -> dict[str, Any]:
+        """What `probe_query_key` needs from the transformer call itself (its bound forward arguments), e.g. the
+        image token count; recorded by a pre-hook on the transformer at every call."""
+        return {}
+
+    @classmethod
+    def probe_query_key(
+        cls,
+        attn: torch.nn.Module,
+        inputs: dict[str, Any],
+        call: dict[str, Any],
+        rows: Callable[[int], torch.Tensor],
+        heads: tuple[int, ...],
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(query (B, h, R, d) of the sampled image rows, key (B, h, N, d) of every key, key mask (B, N) bool or
+        None), recomputed from the attention module's bound forward `inputs` exactly as its processor makes
+        them (projections, q/k norms, RoPE). `rows(image_tokens)` gives the sampled rows, `heads` the selected
+        heads (() = all); `call` is `probe_call`'s record of the current transformer call."""
+        raise NotImplementedError
+
+    # memory plan (egrpo/memory.py) -------------------------------------------------------------------------
+
+    @classmethod
+    def memory_shape(cls, transformer: torch.nn.Module) -> TransformerShape:
+        """The memory-relevant shape of this family's transformer (meta or real)."""
+        raise NotImplementedError
+
+    @classmethod
+    def saved_elements(
+        cls, shape: TransformerShape, image_tokens: int, text_tokens: int, dtype_bytes: int
+    ) -> dict[str, float]:
+        """Elements one row keeps for backward under full fine-tuning: per block of each kind in
+        `shape.blocks`, and "outside" the blocks."""
+        raise NotImplementedError
+
+    @classmethod
+    def inference_elements(
+        cls, shape: TransformerShape, image_tokens: int, text_tokens: int, dtype_bytes: int
+    ) -> float:
+        """Elements alive in one row's no-grad transformer call at its largest block."""
+        raise NotImplementedError
+
+    @classmethod
+    def token_counts(
+        cls, transformer_config: dict[str, Any], vae_scale: int, height: int, width: int, max_sequence_length: int
+    ) -> tuple[int, int]:
+        """(image tokens, text tokens) of one row's transformer call."""
+        raise NotImplementedError
+
+    @classmethod
+    def prompt_elements(cls, shape: TransformerShape, text_tokens: int) -> float:
+        """Elements of one cached prompt's conditioning: its text states and pooled vector."""
+        return text_tokens * shape.text_width + shape.pooled_dim
 
     # ----------------------------------------------------------------------------------------- conditioning
 
     def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         """Batched transformer conditioning, every tensor batch-first (so callers may index, repeat and
-        concatenate it freely): FLUX `encoder_hidden_states`, `pooled_projections`, `txt_ids`; SD3
-        `encoder_hidden_states`, `pooled_projections`.
+        concatenate it freely), computed by the family's `_encode` from the pipeline's own encoding.
 
-        Computed by the pipeline's own `encode_prompt`, once per distinct prompt while it stays in the cache:
-        the text encoders are frozen, and re-encoding every rollout would cost as much as a denoising step.
-        The cache lives on the policy's device and keeps the PROMPT_CACHE_SIZE most recently used prompts
-        (a FLUX prompt's T5 states are 4 MB; a dataset's worth would not fit).
+        Each distinct prompt is encoded once while it stays in the cache: the text encoders are frozen, and
+        re-encoding every rollout would cost as much as a denoising step. The cache lives on the policy's
+        device and keeps the PROMPT_CACHE_SIZE most recently used prompts (a FLUX prompt's T5 states are 4 MB;
+        a dataset's worth would not fit).
         """
         new = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache]
         if new:
-            if self.pipe.text_encoder is None:
+            if all(getattr(self.pipe, name, None) is None for name in self.text_encoder_names):
                 raise RuntimeError(f"the text encoders were freed and {len(new)} prompts are not cached "
                                    f"(e.g. {new[0]!r}); add their embeddings with add_embeddings first")
             with torch.no_grad():
@@ -226,32 +330,11 @@ class FlowPolicy:
 
     def free_text_encoders(self) -> None:
         """Drop the text encoders (T5-XXL is ~9.5 GB in bf16); prompts must then arrive by `add_embeddings`."""
-        for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+        for name in self.text_encoder_names:
             if getattr(self.pipe, name, None) is not None:
                 setattr(self.pipe, name, None)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-
-    def _encode(self, prompts: list[str]) -> dict[str, torch.Tensor]:
-        if self.family == "flux":
-            embeds, pooled, txt_ids = self.pipe.encode_prompt(
-                prompt=prompts,
-                prompt_2=None,
-                device=self.device,
-                max_sequence_length=self.max_sequence_length,
-            )
-            # diffusers' txt_ids are (seq, 3), shared by the batch; repeat them to keep the dict batch-first.
-            txt_ids = txt_ids.expand(len(prompts), -1, -1)
-            return {"encoder_hidden_states": embeds, "pooled_projections": pooled, "txt_ids": txt_ids}
-        embeds, _, pooled, _ = self.pipe.encode_prompt(
-            prompt=prompts,
-            prompt_2=None,
-            prompt_3=None,
-            device=self.device,
-            do_classifier_free_guidance=False,
-            max_sequence_length=self.max_sequence_length,
-        )
-        return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
 
     # ----------------------------------------------------------------------------------------------- latents
 
@@ -259,54 +342,25 @@ class FlowPolicy:
         """(B, *latent_shape) float32 noise, one CPU generator per seed: a sample's noise depends on its seed
         alone, not on what else is in the batch, and equals diffusers' with `generator=[Generator(seed)...]`."""
         noise = torch.stack(
-            [
-                torch.randn(self._unpacked_shape, generator=torch.Generator("cpu").manual_seed(s))
-                for s in seeds
-            ]
+            [torch.randn(self._noise_shape, generator=torch.Generator("cpu").manual_seed(s)) for s in seeds]
         )
         return self._pack(noise).to(self.device)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Images (B, 3, H, W) float32 in [0, 1]. Differentiable: reward gradients may flow through it."""
-        latents = self._unpack(latents)
-        vae = self.pipe.vae
-        if vae is None:
-            images = F.pixel_shuffle(latents.float(), self.pixel_unshuffle)
-        else:
-            latents = latents.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
-            images = vae.decode(latents, return_dict=False)[0].float()
-        return (images / 2 + 0.5).clamp(0, 1)
-
-    def enable_vae_tiling(self) -> None:
-        """Decode (and encode) in overlapping tiles, diffusers' `AutoencoderKL.enable_tiling`: the VAE's memory
-        per image stops growing with the image's size, and pixels near tile seams change slightly. A tile is the
-        VAE's `tile_sample_min_size` (its config's `sample_size`: 1024 px for FLUX's and SD3.5's VAEs), so
-        smaller images still decode whole. Pixel latents (no VAE) decode exactly as before."""
-        if self.pipe.vae is not None:
-            self.pipe.vae.enable_tiling()
+        return (self._vae_decode(self._unpack(latents)) / 2 + 0.5).clamp(0, 1)
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """Inverse of `decode`, for preparing flow-matching training data: images (B, 3, H, W) in [0, 1] to
-        float32 latents in the sampler's shape. The VAE's posterior mode is used, so it is deterministic."""
-        images = images.to(self.device) * 2 - 1
-        vae = self.pipe.vae
-        if vae is None:
-            latents = F.pixel_unshuffle(images.float(), self.pixel_unshuffle)
-        else:
-            posterior = vae.encode(images.to(vae.dtype)).latent_dist
-            latents = (posterior.mode() - vae.config.shift_factor) * vae.config.scaling_factor
-        return self._pack(latents.float())
+        float32 latents in the sampler's shape."""
+        return self._pack(self._vae_encode(images.to(self.device) * 2 - 1).float())
 
-    def _pack(self, latents: torch.Tensor) -> torch.Tensor:
-        if self.family != "flux":
-            return latents
-        batch, channels, height, width = latents.shape
-        return self.pipe._pack_latents(latents, batch, channels, height, width)
-
-    def _unpack(self, latents: torch.Tensor) -> torch.Tensor:
-        if self.family != "flux":
-            return latents
-        return self.pipe._unpack_latents(latents, self.height, self.width, self.pipe.vae_scale_factor)
+    def enable_vae_tiling(self) -> None:
+        """Decode (and encode) in overlapping tiles, diffusers' `enable_tiling`: the VAE's memory per image stops
+        growing with the image's size, and pixels near tile seams change slightly. Smaller images than a tile
+        (the VAE's `sample_size`, 1024 px for FLUX's and SD3.5's) still decode whole."""
+        if getattr(self.pipe, "vae", None) is not None:
+            self.pipe.vae.enable_tiling()
 
     # ---------------------------------------------------------------------------------------------- velocity
 
@@ -314,48 +368,19 @@ class FlowPolicy:
         self, x: torch.Tensor, sigma: torch.Tensor | float, cond: dict[str, torch.Tensor]
     ) -> torch.Tensor:
         """v_theta(x, sigma, c) ~ eps - x0, float32, shaped like x. `sigma` is a float or a (B,) tensor in
-        [0, 1]. Follows the grad mode of the caller; inside `reference()` it is the reference policy's."""
+        [0, 1]. Follows the grad mode of the caller; inside `reference()` it is the reference policy's.
+        With cfg_scale > 1 one call runs both halves, the unconditional one on the empty prompt (diffusers'
+        default negative prompt), and `_guide` combines them."""
         model = self.active_transformer
         batch = x.shape[0]
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=self.device).expand(batch)
         hidden = x.to(device=self.device, dtype=self.dtype)
-        embeds = cond["encoder_hidden_states"].to(self.dtype)
-        pooled = cond["pooled_projections"].to(self.dtype)
-        if self.family == "flux":
-            guidance = None
-            if model.config.guidance_embeds:
-                guidance = torch.full((batch,), self.guidance, dtype=torch.float32, device=self.device)
-            out = model(
-                hidden_states=hidden,
-                timestep=sigma.to(self.dtype),
-                guidance=guidance,
-                pooled_projections=pooled,
-                encoder_hidden_states=embeds,
-                txt_ids=cond["txt_ids"][0],
-                img_ids=self._img_ids,
-                return_dict=False,
-            )[0]
-        elif self.cfg_scale == 1.0:
-            out = model(
-                hidden_states=hidden,
-                timestep=sigma * 1000,
-                encoder_hidden_states=embeds,
-                pooled_projections=pooled,
-                return_dict=False,
-            )[0]
-        else:  # v = v_uncond + s (v_cond - v_uncond), the unconditional half on the empty prompt (diffusers' default)
-            empty = self.encode_prompts([""])
-            out = model(
-                hidden_states=torch.cat([hidden, hidden]),
-                timestep=torch.cat([sigma, sigma]) * 1000,
-                encoder_hidden_states=torch.cat([empty["encoder_hidden_states"].to(self.dtype).expand_as(embeds),
-                                                 embeds]),
-                pooled_projections=torch.cat([empty["pooled_projections"].to(self.dtype).expand_as(pooled), pooled]),
-                return_dict=False,
-            )[0]
-            uncond, cond_out = out.chunk(2)
-            out = uncond + self.cfg_scale * (cond_out - uncond)
-        return out.float()
+        if self.cfg_scale == 1.0:
+            return self._call(model, hidden, sigma, cond).float()
+        empty = self.encode_prompts([""] * batch)
+        both = {key: torch.cat([empty[key].to(value.dtype), value]) for key, value in cond.items()}
+        uncond, cond_out = self._call(model, torch.cat([hidden, hidden]), torch.cat([sigma, sigma]), both).chunk(2)
+        return self._guide(uncond.float(), cond_out.float())
 
     # ---------------------------------------------------------------------------------------------- training
 
@@ -365,7 +390,7 @@ class FlowPolicy:
         *,
         rank: int = 8,
         alpha: float = 8.0,
-        targets: tuple[str, ...] = DEFAULT_LORA_TARGETS,
+        targets: tuple[str, ...] = ("attention",),
         keep_reference: bool = True,
     ) -> None:
         """Make the transformer trainable and keep a reference policy for KL terms and attention-entropy
@@ -383,7 +408,7 @@ class FlowPolicy:
             raise RuntimeError(f"finetuning is already set up ({self.finetune_mode})")
         if mode == "lora":
             self.transformer.requires_grad_(False)
-            config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=expand_lora_targets(targets))
+            config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=self.lora_modules(targets))
             self.transformer.add_adapter(config)
             cast_training_params(self.transformer, dtype=torch.float32)
         elif mode == "full":
@@ -394,6 +419,12 @@ class FlowPolicy:
             raise ValueError(f"finetune mode must be 'lora' or 'full', got {mode!r}")
         self.transformer.eval()  # peft adds its modules in train mode; egrpo never wants dropout in rollouts
         self.finetune_mode = mode
+
+    @classmethod
+    def lora_modules(cls, targets: tuple[str, ...]) -> list[str]:
+        """Module-name suffixes for peft, with this family's preset names (`lora_presets`) replaced by their
+        modules."""
+        return list(dict.fromkeys(m for t in targets for m in cls.lora_presets.get(t, (t,))))
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return list(self.named_trainable_parameters().values())

@@ -23,8 +23,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from egrpo.models.families.flux import build_flux_pipeline
 from egrpo.models.policy import FlowPolicy
-from egrpo.models.tiny import build_flux_pipeline, save_pipeline
+from egrpo.models.tiny import save_pipeline
 from egrpo.toyworld.world import WORDS, all_scenes, render_batch
 
 log = logging.getLogger("egrpo.toy")
