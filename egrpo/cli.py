@@ -122,7 +122,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         return 0
     lengths = dict(zip(info["active_steps"], info["merge_lengths"], strict=True))
     s = cfg.sampler
-    schedule = f"shift {s.shift}" if s.schedule == "shift" else "the model pipeline's own schedule"
+    schedule = f"shift {s.shift}" if info["schedule"] == "shift" else "the model pipeline's own schedule"
     print(f"E-GRPO plan: {s.steps} steps, {schedule}, noise {s.noise} ({s.noise_level}), "
           f"tau {cfg.egrpo.tau} on exp(h)")
     print(f"{'step':>4} {'sigma':>7} {'h':>8} {'exp(h)':>7} {'active':>6} {'merge':>5} {'merged exp(h)':>13}")

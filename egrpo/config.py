@@ -62,9 +62,11 @@ class ModelConfig:
 @dataclass(frozen=True)
 class SamplerConfig:
     steps: int = _f(16, "denoising steps T")
-    schedule: Literal["shift", "pipeline"] = _f(
-        "shift", "sigmas: shift(1 - i/T) (DanceGRPO, VisualGRPO, MixGRPO on FLUX), or the model's own pipeline's "
-        "(Flow-GRPO on SD3; FLUX.1-dev's resolution-dependent shift; each family's `pipeline_sigmas`)"
+    schedule: Literal["family", "shift", "pipeline"] = _f(
+        "family", "sigmas: shift(1 - i/T) (DanceGRPO, VisualGRPO, MixGRPO on FLUX), or the model's own pipeline's "
+        "(Flow-GRPO on SD3; FLUX.1-dev's resolution-dependent shift; each family's `pipeline_sigmas`); family: "
+        "what the RL code for the model's family uses: shift for FLUX.1, pipeline for SD3, Qwen-Image, FLUX.2 "
+        "and Z-Image"
     )
     shift: float = _f(3.0, "schedule shift s in sigma = s t / (1 + (s - 1) t) (schedule: shift)")
     noise: Literal["flow_grpo", "dance"] = _f("flow_grpo", "SDE noise form: g = a sqrt(sigma/(1-sigma)) or g = eta")

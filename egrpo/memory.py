@@ -25,8 +25,12 @@ Notation
     (SD3's model.cfg_scale > 1) doubles the rows of every transformer call, in sampling and in training.
 
 Transformer activations (`transformer_activations`). Attention is SDPA (flash / memory-efficient kernels, also
-on CPU), so no N x N matrix is ever stored. Elements kept for the backward pass per token of one block, full
-fine-tuning, counted from diffusers' block code and checked against measurement (tests/test_memory.py):
+on CPU), so no N x N matrix is ever stored. Each model family's file (egrpo/models/families/) gives its blocks'
+counts (`memory_shape`), what each kind of block keeps (`saved_elements`) and its inference working set
+(`inference_elements`); FLUX.1's and SD3's are below, Qwen-Image's, FLUX.2's and Z-Image's in their files'
+docstrings, each checked against measured peaks of its tiny twin (tests/test_memory.py,
+tests/test_family_*.py). Elements kept for the backward pass per token of one block, full fine-tuning, counted
+from diffusers' block code and checked against measurement (tests/test_memory.py):
     FLUX double-stream / SD3 joint block:   13 D + 2 F + a      (a = 4 D + 2 r D with RMS-normed q/k, else 0)
     FLUX single-stream block:                9 D + 2 F + a
     SD3.5 dual-attention block, extra:       6 D + a            (image tokens only: the second attention)
@@ -755,3 +759,28 @@ class TensorMemoryTracker(TorchDispatchMode):
 
     def _free(self, key: int) -> None:
         self.live_bytes -= self._sizes.pop(key)
+
+
+def measured_pass_peak(transformer: torch.nn.Module, inputs: dict[str, Any], training: bool,
+                       state: Iterable[torch.Tensor] = ()) -> int:
+    """Peak bytes of one no-grad forward or one forward + backward pass of `transformer(**inputs)` above what
+    existed before it: weights, buffers, `state` (tensors a model keeps outside its buffers, e.g. Qwen-Image's
+    RoPE tables), the inputs (tensors or lists of them) and the gradients of a previous micro-batch (created
+    here as zeros, so the pass accumulates, as a learner's second micro-batch does). The training loss is the
+    mean square of the output (a list of outputs, as Z-Image returns, is stacked). What the tests compare each
+    family's estimates with."""
+    trained = [p for p in transformer.parameters() if p.requires_grad]
+    if training:
+        for p in trained:
+            p.grad = torch.zeros_like(p)
+    existing = [*transformer.parameters(), *transformer.buffers(), *state, *[p.grad for p in trained if training],
+                *[t for t in tree_leaves(inputs) if isinstance(t, torch.Tensor)]]
+    with TensorMemoryTracker(existing) as tracker:
+        if training:
+            out = transformer(**inputs)[0]
+            (torch.stack(out) if isinstance(out, list) else out).float().square().mean().backward()
+        else:
+            with torch.no_grad():
+                transformer(**inputs)
+    transformer.zero_grad(set_to_none=True)
+    return tracker.peak_bytes

@@ -45,9 +45,36 @@ def noise_spec(cfg: Config) -> NoiseSpec:
 
 def schedule_sigmas(cfg: Config) -> torch.Tensor:
     """The run's sigmas (`sampler.schedule`): egrpo's shift(1 - i/T), or the model's own pipeline's."""
-    if cfg.sampler.schedule == "shift":
+    if resolved_schedule(cfg) == "shift":
         return sigma_schedule(cfg.sampler.steps, cfg.sampler.shift)
     return _pipeline_schedule(cfg.model, cfg.sampler.steps).clone()
+
+
+def resolved_schedule(cfg: Config) -> str:
+    """`sampler.schedule`, with `family` replaced by the model family's `default_schedule`: the one the public
+    RL code for that family samples with."""
+    if cfg.sampler.schedule != "family":
+        return cfg.sampler.schedule
+    from egrpo.models.families import policy_class
+
+    return policy_class(model_family(cfg.model.path)).default_schedule
+
+
+@functools.lru_cache(maxsize=8)
+def model_family(path: str) -> str:
+    """The family of the pipeline at model.path (or of the shipped configs named like it), from its
+    model_index.json alone."""
+    from egrpo.config import ConfigError
+    from egrpo.memory import _architecture_folder
+    from egrpo.models.families import PIPELINE_FAMILIES
+    from egrpo.trainer import resolve_model_path
+
+    folder, _ = _architecture_folder(resolve_model_path(path).expanduser())
+    name = json.loads((folder / "model_index.json").read_text()).get("_class_name")
+    if name not in PIPELINE_FAMILIES:
+        raise ConfigError(f"model.path: {folder / 'model_index.json'} names a {name}; egrpo supports "
+                          f"{', '.join(sorted(PIPELINE_FAMILIES))}")
+    return PIPELINE_FAMILIES[name]
 
 
 @functools.lru_cache(maxsize=8)
@@ -153,5 +180,5 @@ def describe_schedule(cfg: Config) -> dict:
         "active_steps": active,
         "merge_lengths": egrpo_merge_lengths(cfg),
         "tau": cfg.egrpo.tau,
-        "schedule": cfg.sampler.schedule,
+        "schedule": resolved_schedule(cfg),
     }

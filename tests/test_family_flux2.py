@@ -14,8 +14,8 @@ from diffusers import Flux2KleinPipeline, Flux2Pipeline, Flux2Transformer2DModel
 from egrpo.entropy.attention import AttentionEntropyProbe, ProbeSettings, sample_rows
 from egrpo.images import to_float_images
 from egrpo.memory import (
-    TensorMemoryTracker,
     inference_working_set,
+    measured_pass_peak,
     transformer_activations,
     transformer_shape,
 )
@@ -359,25 +359,6 @@ def test_probe_refuses_processors_it_does_not_mirror(folder: Path) -> None:
 # ----------------------------------------------------------------------------------------------------- memory
 
 
-def measured_peak(transformer: torch.nn.Module, inputs: dict, training: bool) -> int:
-    """Peak bytes of one forward (no grad) or forward + backward pass above the weights, inputs and the
-    gradients of a previous micro-batch (as tests/test_memory.py measures)."""
-    if training:
-        for p in transformer.parameters():
-            p.grad = torch.zeros_like(p)
-    existing = [*transformer.parameters(), *transformer.buffers(),
-                *[p.grad for p in transformer.parameters() if p.grad is not None],
-                *[v for v in inputs.values() if isinstance(v, torch.Tensor)]]
-    with TensorMemoryTracker(existing) as tracker:
-        if training:
-            transformer(**inputs)[0].float().square().mean().backward()
-        else:
-            with torch.no_grad():
-                transformer(**inputs)[0]
-    transformer.zero_grad(set_to_none=True)
-    return tracker.peak_bytes
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_memory_estimates_match_measured_peaks(dtype: torch.dtype) -> None:
     """Full fine-tuning of a tiny FLUX.2 transformer (2 double + 2 single blocks, 2 heads x 32): a rollout
@@ -405,5 +386,5 @@ def test_memory_estimates_match_measured_peaks(dtype: torch.dtype) -> None:
             estimate = activations["saved"] + activations["backward"]
         else:
             estimate = rows * inference_working_set(shape, image_tokens, text_tokens, b)
-        ratio = estimate / measured_peak(transformer, inputs, training)
+        ratio = estimate / measured_pass_peak(transformer, inputs, training)
         assert 0.8 <= ratio <= 1.3, (dtype, rows, training, checkpointing, ratio)

@@ -18,7 +18,7 @@ from diffusers.models.transformers import transformer_qwenimage
 
 from egrpo.entropy.attention import AttentionEntropyProbe, ProbeSettings, sample_rows
 from egrpo.images import to_float_images
-from egrpo.memory import TensorMemoryTracker, inference_working_set, transformer_activations
+from egrpo.memory import inference_working_set, measured_pass_peak, transformer_activations
 from egrpo.models.families.qwen_image import QwenImagePolicy
 from egrpo.models.policy import FlowPolicy
 from egrpo.models.tiny import save_pipeline
@@ -324,27 +324,6 @@ def transformer_inputs(transformer: torch.nn.Module, rows: int, image_tokens: in
             "timestep": torch.rand(rows, dtype=dtype), "img_shapes": [[(1, side, side)]] * rows, "return_dict": False}
 
 
-def measured_peak(transformer: torch.nn.Module, inputs: dict, training: bool) -> int:
-    """Peak bytes of one no-grad forward or forward + backward above the weights, inputs and the gradients of a
-    previous micro-batch (tests/test_memory.py's measurement). The RoPE tables are model state too: QwenEmbedRope
-    keeps them as plain attributes, not buffers (a buffer would lose their imaginary part)."""
-    if training:
-        for p in transformer.parameters():
-            p.grad = torch.zeros_like(p)
-    existing = [*transformer.parameters(), *transformer.buffers(),
-                transformer.pos_embed.pos_freqs, transformer.pos_embed.neg_freqs,
-                *[p.grad for p in transformer.parameters() if p.grad is not None],
-                *[v for v in inputs.values() if isinstance(v, torch.Tensor)]]
-    with TensorMemoryTracker(existing) as tracker:
-        if training:
-            transformer(**inputs)[0].float().square().mean().backward()
-        else:
-            with torch.no_grad():
-                transformer(**inputs)[0]
-    transformer.zero_grad(set_to_none=True)
-    return tracker.peak_bytes
-
-
 @pytest.mark.parametrize("text_tokens,dtype", [(16, torch.float32), (160, torch.float32), (160, torch.bfloat16)])
 def test_memory_estimates_match_measured_peaks(folder: Path, text_tokens: int, dtype: torch.dtype) -> None:
     """Full fine-tuning of the tiny twin's transformer (2 blocks): a rollout forward of 2 rows and learner passes
@@ -366,7 +345,9 @@ def test_memory_estimates_match_measured_peaks(folder: Path, text_tokens: int, d
             estimate = activations["saved"] + activations["backward"]
         else:
             estimate = rows * inference_working_set(shape, IMAGE_TOKENS, text_tokens, b)
-        ratios.append(estimate / measured_peak(transformer, inputs, training))
+        # QwenEmbedRope keeps its RoPE tables as plain attributes, not buffers: model state all the same
+        rope = (transformer.pos_embed.pos_freqs, transformer.pos_embed.neg_freqs)
+        ratios.append(estimate / measured_pass_peak(transformer, inputs, training, state=rope))
     assert all(0.8 <= r <= 1.3 for r in ratios), ratios
 
 

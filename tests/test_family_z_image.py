@@ -24,7 +24,7 @@ from torch import nn
 
 from egrpo.entropy.attention import AttentionEntropyProbe, ProbeSettings, sample_rows
 from egrpo.images import to_float_images
-from egrpo.memory import TensorMemoryTracker, inference_working_set, transformer_activations
+from egrpo.memory import inference_working_set, measured_pass_peak, transformer_activations
 from egrpo.models.families.z_image import ZImagePolicy, build_z_image_pipeline
 from egrpo.models.policy import FlowPolicy
 from egrpo.models.tiny import save_pipeline
@@ -272,24 +272,6 @@ def test_memory_shape_and_token_counts_of_the_published_model() -> None:
     assert ZImagePolicy.inference_elements(shape, 3600, 500, 2) == ZImagePolicy.inference_elements(shape, 3616, 512, 2)
 
 
-def measured_peak(transformer: nn.Module, inputs: dict, training: bool) -> int:
-    """Peak bytes of one pass above the weights, the inputs and a previous micro-batch's gradients (as
-    tests/test_memory.py measures FLUX and SD3)."""
-    if training:
-        for p in transformer.parameters():
-            p.grad = torch.zeros_like(p)
-    existing = [*transformer.parameters(), *transformer.buffers(), *inputs["x"], *inputs["cap_feats"], inputs["t"],
-                *[p.grad for p in transformer.parameters() if p.grad is not None]]
-    with TensorMemoryTracker(existing) as tracker:
-        if training:
-            torch.stack(transformer(**inputs)[0]).square().mean().backward()
-        else:
-            with torch.no_grad():
-                transformer(**inputs)
-    transformer.zero_grad(set_to_none=True)
-    return tracker.peak_bytes
-
-
 def test_memory_estimates_match_measured_peaks() -> None:
     """A 128-wide Z-Image transformer (4 heads of 32, one refiner layer each, two main layers), fp32, 256 image
     and 61-64 caption tokens per row: a rollout forward and learner passes, with and without checkpointing.
@@ -313,5 +295,5 @@ def test_memory_estimates_match_measured_peaks() -> None:
             estimate = activations["saved"] + activations["backward"]
         else:
             estimate = rows * inference_working_set(shape, image_tokens, text_tokens, 4)
-        ratio = estimate / measured_peak(transformer, inputs, training)
+        ratio = estimate / measured_pass_peak(transformer, inputs, training)
         assert 0.9 <= ratio <= 1.25, (rows, training, checkpointing, ratio)

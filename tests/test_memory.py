@@ -20,9 +20,9 @@ from egrpo.cli import main
 from egrpo.config import load_config
 from egrpo.memory import (
     GB,
-    TensorMemoryTracker,
     inference_working_set,
     lora_saved_fraction,
+    measured_pass_peak,
     memory_plan,
     transformer_activations,
     transformer_shape,
@@ -56,26 +56,6 @@ def transformer_inputs(transformer: torch.nn.Module, rows: int, latent: int, tex
         inputs.update(hidden_states=torch.randn(rows, c.in_channels, latent, latent),
                       timestep=torch.rand(rows) * 1000)
     return inputs
-
-
-def measured_peak(transformer: torch.nn.Module, inputs: dict, training: bool) -> int:
-    """Peak bytes of one forward (no grad) or forward + backward pass, above what existed before it: weights,
-    inputs and the gradients of a previous micro-batch (created here as zeros, so the pass accumulates)."""
-    if training:
-        for p in transformer.parameters():
-            if p.requires_grad:
-                p.grad = torch.zeros_like(p)
-    existing = [*transformer.parameters(), *transformer.buffers(),
-                *[p.grad for p in transformer.parameters() if p.grad is not None],
-                *[v for v in inputs.values() if isinstance(v, torch.Tensor)]]
-    with TensorMemoryTracker(existing) as tracker:
-        if training:
-            transformer(**inputs)[0].float().square().mean().backward()
-        else:
-            with torch.no_grad():
-                transformer(**inputs)[0]
-    transformer.zero_grad(set_to_none=True)
-    return tracker.peak_bytes
 
 
 def estimated(transformer, rows: int, image_tokens: int, text_tokens: int, training: bool, checkpointing: bool,
@@ -116,7 +96,7 @@ def test_estimates_match_measured_peaks_of_tiny_models(family):
             transformer.enable_gradient_checkpointing()
         inputs = transformer_inputs(transformer, rows, latent, text_tokens)
         ratio = estimated(transformer, rows, image_tokens, text_tokens, training, checkpointing) \
-            / measured_peak(transformer, inputs, training)
+            / measured_pass_peak(transformer, inputs, training)
         assert TOLERANCE[0] <= ratio <= TOLERANCE[1], (rows, training, checkpointing, ratio)
 
 
@@ -142,7 +122,7 @@ def test_estimates_match_measured_peaks_of_an_sd35_wide_model():
             transformer.enable_gradient_checkpointing()
         inputs = transformer_inputs(transformer, rows, latent, text_tokens)
         ratio = estimated(transformer, rows, image_tokens, text_tokens, training, checkpointing, fraction) \
-            / measured_peak(transformer, inputs, training)
+            / measured_pass_peak(transformer, inputs, training)
         assert TOLERANCE[0] <= ratio <= TOLERANCE[1], (rows, training, checkpointing, ratio)
 
 

@@ -41,6 +41,30 @@ CLAIMS = {
                         "plan.method": "egrpo", "sampler.steps": 10, "sampler.noise": "flow_grpo",
                         "sampler.noise_level": 0.7, "egrpo.active_steps": 5, "egrpo.tau": 2.2, "train.lr": 3e-4,
                         "train.kl_beta": 0.01, "rewards.weights": {"pickscore": 1.0}},
+    # flow_grpo's pickscore_qwenimage (and verl-omni's Qwen-Image LoRA script)
+    "qwen-image-egrpo.yaml": {"model.path": "/data/models/Qwen-Image", "model.finetune": "lora",
+                              "model.lora_rank": 64, "model.lora_alpha": 128.0, "model.lora_targets": ("qwen-image",),
+                              "model.height": 512, "model.width": 512, "model.cfg_scale": 4.0,
+                              "sampler.schedule": "pipeline", "plan.method": "egrpo", "sampler.steps": 10,
+                              "sampler.noise": "flow_grpo", "sampler.noise_level": 1.2, "plan.group_size": 16,
+                              "egrpo.active_steps": 5, "train.lr": 3e-4, "train.weight_decay": 1e-4,
+                              "train.clip_range": 1e-4, "train.kl_beta": 0.0, "rewards.weights": {"pickscore": 1.0}},
+    # Flow-Factory's examples/grpo/lora/flux2_klein/default.yaml
+    "flux2-klein-egrpo.yaml": {"model.path": "/data/models/FLUX.2-klein-4B", "model.finetune": "lora",
+                               "model.lora_rank": 64, "model.lora_alpha": 128.0, "model.lora_targets": ("flux2",),
+                               "model.height": 384, "model.width": 384, "model.cfg_scale": 1.0,
+                               "sampler.schedule": "pipeline", "plan.method": "egrpo", "sampler.steps": 4,
+                               "sampler.noise": "flow_grpo", "sampler.noise_level": 0.5, "plan.group_size": 16,
+                               "egrpo.active_steps": 2, "train.lr": 3e-4, "train.clip_range": 1e-4,
+                               "train.kl_beta": 0.0, "rewards.weights": {"pickscore": 1.0}},
+    # Flow-Factory's examples/grpo/lora/z_image_turbo/default.yaml
+    "z-image-egrpo.yaml": {"model.path": "/data/models/Z-Image-Turbo", "model.finetune": "lora",
+                           "model.lora_rank": 64, "model.lora_alpha": 128.0, "model.lora_targets": ("z-image",),
+                           "model.height": 512, "model.width": 512, "model.cfg_scale": 1.0,
+                           "sampler.schedule": "pipeline", "plan.method": "egrpo", "sampler.steps": 6,
+                           "sampler.noise": "flow_grpo", "sampler.noise_level": 0.7, "plan.group_size": 16,
+                           "egrpo.active_steps": 3, "train.lr": 3e-4, "train.clip_range": 1e-4,
+                           "train.kl_beta": 0.0, "rewards.weights": {"pickscore": 1.0}},
 }
 # The papers' seconds per iteration on 32 GPUs (ALGORITHMS.md section 4), quoted in the recipes' comments.
 REPORTED_TIMES = {"flux-dancegrpo.yaml": "291 s per iteration", "flux-mixgrpo.yaml": "149 s per iteration"}

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from diffusers.models.embeddings import apply_rotary_emb
 from torch import nn
 
 from egrpo.models.families import family_of_transformer
@@ -207,6 +208,18 @@ class AttentionEntropyProbe:
         else:
             self._sum = self._sum + entropy
         self._calls += 1
+
+
+def rotate(
+    query: torch.Tensor, key: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None, positions: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE as FLUX's and FLUX.2's processors apply it (diffusers' `apply_rotary_emb`, real cos / sin tables over
+    the joint sequence, heads on dim 2): the sampled query rows at their `positions`, and every key."""
+    if rotary is None:
+        return query, key
+    cos, sin = rotary
+    query = apply_rotary_emb(query, (cos[positions], sin[positions]), sequence_dim=1)
+    return query, apply_rotary_emb(key, rotary, sequence_dim=1)
 
 
 def project_heads(

@@ -6,7 +6,7 @@ latents in one fixed per-sample shape (`latent_shape`), so the model family stay
 reference policy, saving); each family's file in egrpo/models/families/ subclasses it and fills in the hooks
 below, and nothing else differs between families:
 
-    class attributes   family, text_encoder_names, lora_presets, supports_cfg, tiny_settings
+    class attributes   family, text_encoder_names, lora_presets, default_schedule, supports_cfg, tiny_settings
     latents            _latent_shapes (one sample's noise as the pipeline draws it, and the sampler's shape),
                        _pack / _unpack (between the two), _vae_decode / _vae_encode (the VAE and its scaling)
     conditioning       _encode (the pipeline's own prompt encoding, batch-first, one shape for every prompt)
@@ -65,6 +65,8 @@ class FlowPolicy:
     # `model.lora_targets` may name these presets; every family has "attention" (the default) and one named
     # after itself (attention and MLPs). Any other entry is a module-name suffix, as peft reads it.
     lora_presets: ClassVar[dict[str, tuple[str, ...]]]
+    # `sampler.schedule: family` resolves to this: "shift" (egrpo's shift(1 - i/T)) or "pipeline" (`pipeline_sigmas`)
+    default_schedule: ClassVar[Literal["shift", "pipeline"]]
     supports_cfg: ClassVar[bool] = False  # whether cfg_scale > 1 (true classifier-free guidance) applies
     # what `egrpo tiny` writes into egrpo.json for the family's tiny twin
     tiny_settings: ClassVar[dict[str, Any]] = {"height": 32, "width": 32, "max_sequence_length": 16}

@@ -23,13 +23,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from torch import nn
 from transformers import CLIPTextModel, T5EncoderModel
 
-from egrpo.entropy.attention import project_heads
+from egrpo.entropy.attention import project_heads, rotate
 from egrpo.memory import TransformerShape, count_parameters, fp32_copy_units
 from egrpo.models.policy import ATTENTION_PROJECTIONS, FlowPolicy
 from egrpo.models.tiny import (
@@ -47,6 +46,7 @@ MLP_PROJECTIONS = ("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_con
 
 class FluxPolicy(FlowPolicy):
     family = "flux"
+    default_schedule = "shift"  # DanceGRPO, VisualGRPO, MixGRPO and BranchGRPO sample FLUX.1 at shift(1 - i/T)
     text_encoder_names = ("text_encoder", "text_encoder_2")
     # proj_mlp: the single blocks' MLP input (their attention reuses to_q/to_k/to_v)
     lora_presets = {"attention": ATTENTION_PROJECTIONS,
@@ -175,12 +175,7 @@ class FluxPolicy(FlowPolicy):
             image = hidden[:, text_tokens:]
         sampled = rows(image.shape[1])
         query = project_heads(attn, attn.to_q, attn.norm_q, image[:, sampled], heads)
-        rotary = inputs.get("image_rotary_emb")
-        if rotary is not None:
-            cos, sin = rotary
-            positions = sampled + text_tokens
-            query = apply_rotary_emb(query, (cos[positions], sin[positions]), sequence_dim=1)
-            key = apply_rotary_emb(key, rotary, sequence_dim=1)
+        query, key = rotate(query, key, inputs.get("image_rotary_emb"), sampled + text_tokens)
         return query.transpose(1, 2), key.transpose(1, 2), None
 
     # memory plan (egrpo/memory.py's docstring has the formulas) ---------------------------------------------

@@ -41,13 +41,13 @@ from diffusers import (
     Flux2Pipeline,
     Flux2Transformer2DModel,
 )
-from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux2 import Flux2AttnProcessor, Flux2ParallelSelfAttnProcessor
 from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
 from peft.tuners.lora import Linear as LoraLinear
 from torch import nn
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
+from egrpo.entropy.attention import rotate
 from egrpo.memory import TransformerShape, count_parameters, fp32_copy_units
 from egrpo.models.policy import ATTENTION_PROJECTIONS, FlowPolicy
 from egrpo.models.tiny import eval_mode, qwen_tokenizer
@@ -69,6 +69,7 @@ SCHEDULER_CONFIG = {"base_image_seq_len": 256, "base_shift": 0.5, "max_image_seq
 
 class Flux2Policy(FlowPolicy):
     family = "flux2"
+    default_schedule = "pipeline"  # the pipeline's own scheduler, as the public RL code for this family samples
     text_encoder_names = ("text_encoder",)
     # "attention" covers the single blocks' fused projections, so it adapts their MLP halves too; "flux2" adds
     # the double blocks' MLPs.
@@ -206,12 +207,7 @@ class Flux2Policy(FlowPolicy):
             key = torch.cat([_heads(attn, attn.add_k_proj(text), selected, attn.norm_added_k),
                              _heads(attn, attn.to_k(hidden), selected, attn.norm_k)], dim=1)
             query = _heads(attn, attn.to_q(hidden[:, sampled]), selected, attn.norm_q)
-        rotary = inputs.get("image_rotary_emb")
-        if rotary is not None:
-            cos, sin = rotary
-            positions = sampled + text_tokens
-            query = apply_rotary_emb(query, (cos[positions], sin[positions]), sequence_dim=1)
-            key = apply_rotary_emb(key, rotary, sequence_dim=1)
+        query, key = rotate(query, key, inputs.get("image_rotary_emb"), sampled + text_tokens)
         return query.transpose(1, 2), key.transpose(1, 2), None
 
     # memory plan (egrpo/memory.py's docstring has the formulas) ---------------------------------------------

@@ -56,6 +56,7 @@ DEFAULT_SAMPLE_SIZE = 128  # QwenImagePipeline.default_sample_size, in latent pi
 
 class QwenImagePolicy(FlowPolicy):
     family = "qwen-image"
+    default_schedule = "pipeline"  # the pipeline's own scheduler, as the public RL code for this family samples
     lora_presets = {"attention": ATTENTION_PROJECTIONS, "qwen-image": ATTENTION_PROJECTIONS + MLP_PROJECTIONS}
     supports_cfg = True
     # The 34 dropped tokens are Qwen's tokenization of the system turn; with the tiny twin's character-level

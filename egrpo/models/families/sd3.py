@@ -39,6 +39,7 @@ MLP_PROJECTIONS = ("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_con
 
 class SD3Policy(FlowPolicy):
     family = "sd3"
+    default_schedule = "pipeline"  # the pipeline's own scheduler, as the public RL code for this family samples
     text_encoder_names = ("text_encoder", "text_encoder_2", "text_encoder_3")
     # Flow-GRPO's SD3 LoRA adapts attention only: the `attention` preset
     lora_presets = {"attention": ATTENTION_PROJECTIONS, "sd3": ATTENTION_PROJECTIONS + MLP_PROJECTIONS}

@@ -56,6 +56,7 @@ _FORWARD = inspect.signature(ZImageTransformer2DModel.forward).parameters
 
 class ZImagePolicy(FlowPolicy):
     family = "z-image"
+    default_schedule = "pipeline"  # the pipeline's own scheduler, as the public RL code for this family samples
     lora_presets = {"attention": ATTENTION_PROJECTIONS, "z-image": ATTENTION_PROJECTIONS + MLP_PROJECTIONS}
     supports_cfg = True  # the base Z-Image; Z-Image-Turbo is distilled and samples without CFG
     # The chat template alone is ~20 tokens of the character-level tiny tokenizer.
