@@ -19,6 +19,42 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
+
+class KernelAttention:
+    """The (query, key) of every F.scaled_dot_product_attention call, (B, heads, N, d), as the kernel receives
+    them: what diffusers' native attention backend and SD3's processor call."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.calls: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._monkeypatch = monkeypatch
+
+    def start(self) -> None:
+        """Record every call from here on (until the test ends)."""
+        import torch.nn.functional as F
+
+        original = F.scaled_dot_product_attention
+
+        def record(query, key, value, *args, **kwargs):
+            self.calls.append((query.detach().clone(), key.detach().clone()))
+            return original(query, key, value, *args, **kwargs)
+
+        self._monkeypatch.setattr(F, "scaled_dot_product_attention", record)
+
+    @staticmethod
+    def entropy(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+        """(B,) mean over heads and rows of -sum p log p / log N, from the full float64 softmax."""
+        import math
+
+        scores = query.double() @ key.double().transpose(-1, -2) / math.sqrt(query.shape[-1])
+        entropy = torch.special.entr(torch.softmax(scores, dim=-1)).sum(-1) / math.log(key.shape[2])
+        return entropy.mean(dim=(1, 2)).float()
+
+
+@pytest.fixture
+def kernel_attention(monkeypatch: pytest.MonkeyPatch) -> KernelAttention:
+    """The attention kernel's inputs once `start()`ed (the probe tests' ground truth), and their entropy."""
+    return KernelAttention(monkeypatch)
+
 class FileHeadings:
     """Names each test file as the suite enters it, with the time: a quiet run is otherwise minutes of dots."""
 

@@ -2,12 +2,11 @@
 probes on the toy FLUX checkpoint (double- and single-stream blocks, with a LoRA adapter) and on tiny SD3
 transformers against entropies of the Q/K that the attention kernel itself receives."""
 
-import math
 from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
+from conftest import KernelAttention
 from diffusers import SD3Transformer2DModel
 from diffusers.models.attention_processor import AttnProcessor2_0
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -28,13 +27,6 @@ PROMPTS = ["a red circle", "a blue square"]
 ALL_ROWS = 10_000  # more than any test model's image tokens: every image row is measured
 
 
-def explicit_entropy(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
-    """(B,) mean over heads and rows of -sum p log p / log N, from the full float64 softmax."""
-    scores = query.double() @ key.double().transpose(-1, -2) / math.sqrt(query.shape[-1])
-    entropy = torch.special.entr(torch.softmax(scores, dim=-1)).sum(-1) / math.log(key.shape[2])
-    return entropy.mean(dim=(1, 2)).float()
-
-
 # ------------------------------------------------------------------------------------- attention_entropy
 
 
@@ -48,18 +40,18 @@ def test_uniform_rows_have_entropy_one_and_one_hot_rows_zero() -> None:
     assert attention_entropy(query, key).item() < 1e-6
 
 
-def test_chunked_entropy_equals_explicit_softmax_entropy() -> None:
+def test_chunked_entropy_equals_explicit_softmax_entropy(kernel_attention: KernelAttention) -> None:
     generator = torch.Generator().manual_seed(0)
     query = 3 * torch.randn(3, 4, 37, 16, generator=generator)  # peaked enough to be far from 1
     key = torch.randn(3, 4, 90, 16, generator=generator)
-    expected = explicit_entropy(query, key)
+    expected = kernel_attention.entropy(query, key)
     assert 0.2 < expected.min() and expected.max() < 0.9
     for chunk in (1, 5, 37, 1000):
         assert torch.allclose(attention_entropy(query, key, chunk), expected, atol=1e-5), chunk
     # bf16 inputs are measured in float32, so they agree with the explicit value of the same bf16 numbers
     low = attention_entropy(query.bfloat16(), key.bfloat16(), 8)
     assert low.dtype == torch.float32
-    assert torch.allclose(low, explicit_entropy(query.bfloat16(), key.bfloat16()), atol=1e-5)
+    assert torch.allclose(low, kernel_attention.entropy(query.bfloat16(), key.bfloat16()), atol=1e-5)
 
 
 class LargestOutput(TorchDispatchMode):
@@ -113,21 +105,6 @@ def test_sampled_rows_are_fixed_by_seed_and_block() -> None:
 # --------------------------------------------------------------------------------------------- the probes
 
 
-class RecordAttention:
-    """Patches F.scaled_dot_product_attention (what FLUX's native attention backend and SD3's processor call)
-    to record the (query, key) of every call, (B, heads, N, d), as the kernel receives them."""
-
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.calls: list[tuple[torch.Tensor, torch.Tensor]] = []
-        original = F.scaled_dot_product_attention
-
-        def record(query, key, value, *args, **kwargs):
-            self.calls.append((query.detach().clone(), key.detach().clone()))
-            return original(query, key, value, *args, **kwargs)
-
-        monkeypatch.setattr(F, "scaled_dot_product_attention", record)
-
-
 def hook_counts(model: torch.nn.Module) -> list[tuple[int, int]]:
     return [(len(m._forward_pre_hooks), len(m._forward_hooks)) for m in model.modules()]
 
@@ -169,7 +146,7 @@ def flux_forward(policy: FlowPolicy):
 
 
 def test_flux_probe_matches_explicit_entropies_of_the_kernel_inputs(
-    flux: FlowPolicy, monkeypatch: pytest.MonkeyPatch
+    flux: FlowPolicy, kernel_attention: KernelAttention
 ) -> None:
     forward = flux_forward(flux)
     image_tokens = flux.latent_shape[0]
@@ -177,13 +154,13 @@ def test_flux_probe_matches_explicit_entropies_of_the_kernel_inputs(
         check_probe_leaves_no_trace(flux.transformer, forward, ProbeSettings(blocks=(b,), rows=ALL_ROWS))
         for b in range(4)
     ]
-    recorder = RecordAttention(monkeypatch)
+    kernel_attention.start()
     with torch.no_grad():
         forward()
-    assert len(recorder.calls) == 4  # double, double, single, single
-    for block, (query, key) in enumerate(recorder.calls):
+    assert len(kernel_attention.calls) == 4  # double, double, single, single
+    for block, (query, key) in enumerate(kernel_attention.calls):
         # joint order [text, image] in both block types: the image rows are the last ones
-        expected = explicit_entropy(query[:, :, -image_tokens:], key)
+        expected = kernel_attention.entropy(query[:, :, -image_tokens:], key)
         assert torch.allclose(values[block], expected, atol=1e-5), block
         assert ((0 < values[block]) & (values[block] < 1)).all()
     assert len({round(v[0].item(), 4) for v in values}) == 4  # the blocks measure different things
@@ -198,9 +175,9 @@ def test_flux_probe_matches_explicit_entropies_of_the_kernel_inputs(
         measured = probe.take()
     expected = []
     for block in (1, 2):
-        query, key = recorder.calls[-4 + block]
+        query, key = kernel_attention.calls[-4 + block]
         rows = key.shape[2] - image_tokens + sample_rows(7, block, image_tokens, 5)
-        expected.append(explicit_entropy(query[:, [0, 3]][:, :, rows], key[:, [0, 3]]))
+        expected.append(kernel_attention.entropy(query[:, [0, 3]][:, :, rows], key[:, [0, 3]]))
     assert torch.allclose(measured, torch.stack(expected).mean(0), atol=1e-5)
 
     # the adapter matters, so agreeing above means the probe used the LoRA-wrapped projections
@@ -268,7 +245,7 @@ def sd3_forward(model: SD3Transformer2DModel, text_tokens: int = 7):
 
 @pytest.mark.parametrize("variant", ["sd3", "sd3.5"])
 def test_sd3_probe_matches_explicit_entropies_of_the_kernel_inputs(
-    variant: str, monkeypatch: pytest.MonkeyPatch
+    variant: str, kernel_attention: KernelAttention
 ) -> None:
     # sd3.5: q/k RMS norms, and an image-only second attention in block 0 that is not probed
     config = {"qk_norm": "rms_norm", "dual_attention_layers": (0,)} if variant == "sd3.5" else {}
@@ -279,13 +256,13 @@ def test_sd3_probe_matches_explicit_entropies_of_the_kernel_inputs(
         check_probe_leaves_no_trace(model, forward, ProbeSettings(blocks=(b,), rows=ALL_ROWS, chunk=24))
         for b in range(2)
     ]
-    recorder = RecordAttention(monkeypatch)
+    kernel_attention.start()
     with torch.no_grad():
         forward()
-    joint = [(q, k) for q, k in recorder.calls if k.shape[2] == image_tokens + text_tokens]
-    assert len(recorder.calls) == (3 if variant == "sd3.5" else 2) and len(joint) == 2
+    joint = [(q, k) for q, k in kernel_attention.calls if k.shape[2] == image_tokens + text_tokens]
+    assert len(kernel_attention.calls) == (3 if variant == "sd3.5" else 2) and len(joint) == 2
     for block, (query, key) in enumerate(joint):
-        expected = explicit_entropy(query[:, :, :image_tokens], key)  # joint order [image, text]
+        expected = kernel_attention.entropy(query[:, :, :image_tokens], key)  # joint order [image, text]
         assert torch.allclose(values[block], expected, atol=1e-5), block
         assert ((0.05 < values[block]) & (values[block] < 0.95)).all()
     assert not torch.allclose(values[0], values[1], atol=1e-3)
@@ -296,10 +273,10 @@ def test_sd3_probe_matches_explicit_entropies_of_the_kernel_inputs(
         measured = probe.take()
     query, key = joint[1]
     rows = sample_rows(3, 1, image_tokens, 9)
-    assert torch.allclose(measured, explicit_entropy(query[:, [2]][:, :, rows], key[:, [2]]), atol=1e-5)
+    assert torch.allclose(measured, kernel_attention.entropy(query[:, [2]][:, :, rows], key[:, [2]]), atol=1e-5)
 
 
-def test_tiny_sd3_pipeline_transformer_is_probed_exactly(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_tiny_sd3_pipeline_transformer_is_probed_exactly(kernel_attention: KernelAttention) -> None:
     """The SD3 preset egrpo builds (one joint block whose text stream is context_pre_only)."""
     model = build_sd3_pipeline().transformer
     generator = torch.Generator().manual_seed(3)
@@ -312,11 +289,11 @@ def test_tiny_sd3_pipeline_transformer_is_probed_exactly(monkeypatch: pytest.Mon
     value = check_probe_leaves_no_trace(
         model, lambda: model(**inputs, return_dict=False)[0], ProbeSettings(rows=ALL_ROWS)
     )
-    recorder = RecordAttention(monkeypatch)
+    kernel_attention.start()
     with torch.no_grad():
         model(**inputs)
-    ((query, key),) = recorder.calls
-    assert torch.allclose(value, explicit_entropy(query[:, :, :16], key), atol=1e-5)
+    ((query, key),) = kernel_attention.calls
+    assert torch.allclose(value, kernel_attention.entropy(query[:, :, :16], key), atol=1e-5)
 
 
 def test_unsupported_models_and_settings_are_refused() -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
+from conftest import KernelAttention
 from diffusers import Flux2KleinPipeline, Flux2Pipeline, Flux2Transformer2DModel
 
 from egrpo.entropy.attention import AttentionEntropyProbe, ProbeSettings, sample_rows
@@ -271,28 +271,8 @@ def test_full_finetuning_trains_every_parameter(folder: Path) -> None:
 # ------------------------------------------------------------------------------------------------------ probe
 
 
-class RecordAttention:
-    """Patches F.scaled_dot_product_attention (diffusers' native attention backend) to record each call's
-    (query, key), (B, heads, N, d), as the kernel receives them."""
-
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.calls: list[tuple[torch.Tensor, torch.Tensor]] = []
-        original = F.scaled_dot_product_attention
-
-        def record(query, key, value, *args, **kwargs):
-            self.calls.append((query.detach().clone(), key.detach().clone()))
-            return original(query, key, value, *args, **kwargs)
-
-        monkeypatch.setattr(F, "scaled_dot_product_attention", record)
-
-
-def explicit_entropy(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
-    p = torch.softmax(query.double() @ key.double().transpose(-1, -2) / math.sqrt(query.shape[-1]), dim=-1)
-    return (-(p * p.clamp_min(1e-300).log()).sum(-1) / math.log(key.shape[2])).mean(dim=(1, 2)).float()
-
-
 def test_probe_equals_the_entropy_of_the_kernels_own_query_and_key(
-    folder: Path, monkeypatch: pytest.MonkeyPatch
+    folder: Path, kernel_attention: KernelAttention
 ) -> None:
     """With a non-zero LoRA adapter on every projection (the fused single-block one included), so the probe must
     read the adapted columns of to_qkv_mlp_proj."""
@@ -319,13 +299,13 @@ def test_probe_equals_the_entropy_of_the_kernels_own_query_and_key(
                 values.append(probe.take())
         assert torch.equal(forward(), plain)
     assert all(len(m._forward_pre_hooks) == 0 for m in transformer.modules())
-    recorder = RecordAttention(monkeypatch)
+    kernel_attention.start()
     with torch.no_grad():
         forward()
-    assert len(recorder.calls) == 2
-    for block, (query, key) in enumerate(recorder.calls):
+    assert len(kernel_attention.calls) == 2
+    for block, (query, key) in enumerate(kernel_attention.calls):
         assert key.shape[2] == MAX_SEQ + image_tokens  # [text, image] joint keys, every text token
-        expected = explicit_entropy(query[:, :, -image_tokens:], key)
+        expected = kernel_attention.entropy(query[:, :, -image_tokens:], key)
         torch.testing.assert_close(values[block], expected, atol=1e-5, rtol=0)  # Q re-projected: float noise
         assert ((0 < values[block]) & (values[block] < 1)).all()
     assert not torch.allclose(values[0], values[1], atol=1e-3)
@@ -336,9 +316,9 @@ def test_probe_equals_the_entropy_of_the_kernels_own_query_and_key(
         forward()
         measured = probe.take()
     expected = []
-    for block, (query, key) in enumerate(recorder.calls[:2]):  # the unprobed call's kernel inputs
+    for block, (query, key) in enumerate(kernel_attention.calls[:2]):  # the unprobed call's kernel inputs
         rows = MAX_SEQ + sample_rows(3, block, image_tokens, 5)
-        expected.append(explicit_entropy(query[:, [1]][:, :, rows], key[:, [1]]))
+        expected.append(kernel_attention.entropy(query[:, [1]][:, :, rows], key[:, [1]]))
     torch.testing.assert_close(measured, torch.stack(expected).mean(0), atol=1e-5, rtol=0)
 
     # the adapter matters, so agreeing above means the probe used the LoRA-adapted projections
