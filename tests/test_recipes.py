@@ -49,6 +49,13 @@ CLAIMS = {
                               "sampler.noise": "flow_grpo", "sampler.noise_level": 1.2, "plan.group_size": 16,
                               "egrpo.active_steps": 5, "train.lr": 3e-4, "train.weight_decay": 1e-4,
                               "train.clip_range": 1e-4, "train.kl_beta": 0.0, "rewards.weights": {"pickscore": 1.0}},
+    # AEGPO over the flow_grpo Qwen-Image setting
+    "qwen-image-aegpo.yaml": {"model.path": "/data/models/Qwen-Image", "model.finetune": "lora",
+                              "model.lora_rank": 64, "model.lora_alpha": 128.0, "model.lora_targets": ("qwen-image",),
+                              "model.cfg_scale": 4.0, "sampler.steps": 10, "sampler.noise_level": 1.2,
+                              "plan.method": "aegpo", "aegpo.budget": "median_split", "aegpo.g_high": 16,
+                              "aegpo.g_low": 8, "aegpo.peaks": 4, "aegpo.peak_steps": 5, "aegpo.rollout": "tree",
+                              "train.lr": 3e-4, "train.kl_beta": 0.0, "rewards.weights": {"pickscore": 1.0}},
     # Flow-Factory's examples/grpo/lora/flux2_klein/default.yaml
     "flux2-klein-egrpo.yaml": {"model.path": "/data/models/FLUX.2-klein-4B", "model.finetune": "lora",
                                "model.lora_rank": 64, "model.lora_alpha": 128.0, "model.lora_targets": ("flux2",),
