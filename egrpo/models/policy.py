@@ -56,6 +56,17 @@ ATTENTION_PROJECTIONS: tuple[str, ...] = (
 )
 
 
+def shift_mu(scheduler_config: dict[str, Any], image_tokens: int, max_shift: float = 1.15) -> float:
+    """The pipelines' mu = calculate_shift(image tokens): linear in the token count between the scheduler config's
+    (base_image_seq_len, base_shift) and (max_image_seq_len, max_shift), with the pipelines' fallbacks 256, 4096,
+    0.5 and `max_shift` (1.15; SD3's 1.16) for missing keys. FLUX, Qwen-Image, SD3 and Z-Image share it."""
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    config = scheduler_config
+    return calculate_shift(image_tokens, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
+                           config.get("base_shift", 0.5), config.get("max_shift", max_shift))
+
+
 class FlowPolicy:
     """A flow-matching text-to-image model as an RL policy (see the module docstring). Construct a family's
     subclass through `from_pretrained`."""
@@ -379,8 +390,8 @@ class FlowPolicy:
         hidden = x.to(device=self.device, dtype=self.dtype)
         if self.cfg_scale == 1.0:
             return self._call(model, hidden, sigma, cond).float()
-        empty = self.encode_prompts([""] * batch)
-        both = {key: torch.cat([empty[key].to(value.dtype), value]) for key, value in cond.items()}
+        empty = self.encode_prompts([""])  # cached: one row, expanded (not copied) to the batch
+        both = {key: torch.cat([empty[key].to(value.dtype).expand_as(value), value]) for key, value in cond.items()}
         uncond, cond_out = self._call(model, torch.cat([hidden, hidden]), torch.cat([sigma, sigma]), both).chunk(2)
         return self._guide(uncond.float(), cond_out.float())
 

@@ -24,13 +24,12 @@ import torch
 import torch.nn.functional as F
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
-from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from torch import nn
 from transformers import CLIPTextModel, T5EncoderModel
 
 from egrpo.entropy.attention import project_heads, rotate
 from egrpo.memory import TransformerShape, count_parameters, fp32_copy_units
-from egrpo.models.policy import ATTENTION_PROJECTIONS, FlowPolicy
+from egrpo.models.policy import ATTENTION_PROJECTIONS, FlowPolicy, shift_mu
 from egrpo.models.tiny import (
     clip_config,
     clip_tokenizer,
@@ -137,9 +136,7 @@ class FluxPolicy(FlowPolicy):
         else it applies `shift`."""
         scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
         config = scheduler.config
-        mu = calculate_shift(image_tokens, config.get("base_image_seq_len", 256),
-                             config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
-                             config.get("max_shift", 1.15))
+        mu = shift_mu(config, image_tokens)
         scheduler.set_timesteps(steps, sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
         return scheduler.sigmas.double()
 

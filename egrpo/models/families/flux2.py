@@ -99,6 +99,8 @@ class Flux2Policy(FlowPolicy):
         rows, columns = self.height // side, self.width // side
         ids = self.pipe._prepare_latent_ids(torch.empty(1, channels, rows, columns, device="meta"))
         self._img_ids = ids[0].to(self.device)
+        # every prompt is padded to max_sequence_length, so one (length, 4) table of text ids serves every call
+        self._txt_ids = self.pipe._prepare_text_ids(torch.empty(1, self.max_sequence_length, 1))[0].to(self.device)
         return (channels, rows, columns), (rows * columns, channels)
 
     def _encode(self, prompts: list[str]) -> dict[str, torch.Tensor]:
@@ -144,7 +146,7 @@ class Flux2Policy(FlowPolicy):
             timestep=timestep,
             guidance=guidance,
             encoder_hidden_states=embeds,
-            txt_ids=self.pipe._prepare_text_ids(embeds[:1])[0].to(self.device),
+            txt_ids=self._txt_ids,
             img_ids=self._img_ids,
             return_dict=False,
         )[0]
@@ -178,8 +180,6 @@ class Flux2Policy(FlowPolicy):
         supported = Flux2ParallelSelfAttnProcessor if hasattr(attn, "to_qkv_mlp_proj") else Flux2AttnProcessor
         if type(attn.processor) is not supported:
             raise TypeError(f"the entropy probe reads {supported.__name__}'s Q/K, not {type(attn.processor).__name__}")
-        if getattr(attn, "fused_projections", False):
-            raise ValueError("the entropy probe reads unfused Q/K projections; unfuse them to probe")
 
     @classmethod
     def probe_call(cls, transformer_inputs: dict[str, Any]) -> dict[str, Any]:

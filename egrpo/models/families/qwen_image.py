@@ -40,13 +40,12 @@ from diffusers.models.transformers.transformer_qwenimage import (
     QwenDoubleStreamAttnProcessor2_0,
     apply_rotary_emb_qwen,
 )
-from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift
 from torch import nn
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 from egrpo.entropy.attention import project_heads
 from egrpo.memory import TransformerShape, count_parameters, fp32_copy_units
-from egrpo.models.policy import ATTENTION_PROJECTIONS, FlowPolicy
+from egrpo.models.policy import ATTENTION_PROJECTIONS, FlowPolicy, shift_mu
 from egrpo.models.tiny import eval_mode, qwen_tokenizer
 
 MLP_PROJECTIONS = ("img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2")
@@ -165,9 +164,7 @@ class QwenImagePolicy(FlowPolicy):
         then stretches to `shift_terminal` if set."""
         scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
         config = scheduler.config
-        mu = calculate_shift(image_tokens, config.get("base_image_seq_len", 256),
-                             config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
-                             config.get("max_shift", 1.15))
+        mu = shift_mu(config, image_tokens)
         scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
         return scheduler.sigmas.double()
 

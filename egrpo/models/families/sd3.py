@@ -16,13 +16,12 @@ from typing import Any
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 from diffusers.models.attention_processor import JointAttnProcessor2_0
-from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from torch import nn
 from transformers import CLIPTextModelWithProjection, T5EncoderModel
 
 from egrpo.entropy.attention import project_heads
 from egrpo.memory import TransformerShape, count_parameters, fp32_copy_units
-from egrpo.models.policy import ATTENTION_PROJECTIONS, FlowPolicy
+from egrpo.models.policy import ATTENTION_PROJECTIONS, FlowPolicy, shift_mu
 from egrpo.models.tiny import (
     clip_config,
     clip_tokenizer,
@@ -86,9 +85,7 @@ class SD3Policy(FlowPolicy):
         scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
         config = scheduler.config
         if config.get("use_dynamic_shifting", False):
-            mu = calculate_shift(image_tokens, config.get("base_image_seq_len", 256),
-                                 config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
-                                 config.get("max_shift", 1.16))
+            mu = shift_mu(config, image_tokens, max_shift=1.16)
             scheduler.set_timesteps(steps, mu=mu)
         else:
             scheduler.set_timesteps(steps)

@@ -40,13 +40,13 @@ from typing import Any
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
 from diffusers.models.transformers.transformer_z_image import SEQ_MULTI_OF, ZSingleStreamAttnProcessor
-from diffusers.pipelines.z_image.pipeline_z_image import calculate_shift, get_default_z_image_sigmas
+from diffusers.pipelines.z_image.pipeline_z_image import get_default_z_image_sigmas
 from torch import nn
 from transformers import Qwen3Config, Qwen3Model
 
 from egrpo.entropy.attention import project_heads
 from egrpo.memory import TransformerShape, count_parameters, fp32_copy_units
-from egrpo.models.policy import FlowPolicy
+from egrpo.models.policy import FlowPolicy, shift_mu
 from egrpo.models.tiny import eval_mode, fixed_shift_scheduler, qwen_tokenizer, tiny_vae
 
 ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")  # every block's attention: main and refiners
@@ -108,9 +108,7 @@ class ZImagePolicy(FlowPolicy):
         scheduler uses only with `use_dynamic_shifting` (Z-Image's has none: it applies `shift`, 3)."""
         scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
         config = scheduler.config
-        mu = calculate_shift(image_tokens, config.get("base_image_seq_len", 256),
-                             config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
-                             config.get("max_shift", 1.15))
+        mu = shift_mu(config, image_tokens)
         scheduler.set_timesteps(sigmas=get_default_z_image_sigmas(steps), mu=mu)
         return scheduler.sigmas.double()
 
