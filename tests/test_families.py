@@ -207,3 +207,44 @@ def test_the_memory_plan_sizes_the_published_models(model: str, capsys: pytest.C
     assert sized["source"] == "shipped"
     assert (sized["transformer_params"], sum(sized["text_encoder_params"].values())) == PUBLISHED_PARAMS[model]
     assert (sized["height"], sized["width"]) == (1024, 1024)  # the pipelines' default size
+
+
+def test_a_new_family_on_ray_survives_nan_rewards_uneven_rows_and_a_killed_rollout_worker(
+        tiny_folders: dict[str, Path], tmp_path: Path, local_ray) -> None:
+    """Real runs are uneven: Qwen-Image (masked text, true CFG) for 2 iterations on 2 rollout workers and 2
+    ZeRO-2 learners, the reward servers scoring the first sample of every shard NaN, a batch of 7 that gives
+    the ranks 4 and 3 rows, and the rollout worker killed at iteration 1: every sample is accounted for, the
+    NaN ones dropped and counted, and the last checkpoint loads."""
+    import ray
+
+    from egrpo.runtime.driver import RayTrainer
+
+    cfg = load_config(CONFIGS / "toy-egrpo.yaml", [
+        f"model.path={tiny_folders['qwen-image']}", f"run.dir={tmp_path}", "model.cfg_scale=2.0",
+        "train.iterations=2", "plan.prompts_per_iteration=2", "plan.group_size=3", "train.batch_size=7",
+        "train.eval_every=0", "train.checkpoint_every=1", "run.wandb=disabled", "runtime.dashboard=false",
+        "runtime.timeout_s=300", "runtime.rollout_workers=2", "runtime.learners=2", "runtime.zero_stage=2",
+        "chaos.kill=rollout", "chaos.at_iteration=1"])
+    trainer = RayTrainer(cfg)
+
+    def poison(server):  # runs inside each RewardServer (defined here, so Ray pickles it by value)
+        for model in server.models:
+            def first_sample_nan(images, prompts, score=model.score):
+                rewards = score(images, prompts)
+                for values in rewards.values():
+                    values[0] = float("nan")
+                return rewards
+
+            model.score = first_sample_nan
+
+    ray.get([server.__ray_call__.remote(poison) for server in trainer.reward.actors])
+    trainer.run()
+    records = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+    trained = [r for r in records if "train/steps" in r]
+    assert [r["iteration"] for r in trained] == [1, 2]
+    for r in trained:
+        assert r["samples/received"] == r["samples/requested"] == 2 * 4 * 3  # 2 prompts, 4 steps, G 3
+        assert r["reward/nan_dropped"] == 2  # one per rollout shard
+        assert r["train/steps"] == 22 and r["train/first_ratio_max_dev"] == 0.0  # minibatches of 7, 7 and 8
+    policy = load_policy(cfg)
+    load_checkpoint(cfg.run_dir / "checkpoints", policy)  # the last checkpoint loads
